@@ -1,0 +1,1 @@
+"""badm_fast: a fused BADM (batch ADMM) optimizer for PyTorch."""
