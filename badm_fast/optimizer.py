@@ -1,0 +1,410 @@
+"""The BADM optimizer: a thin torch.optim.Optimizer over flat buffers and a fused kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends
+from .flat import SUPPORTED_DTYPES, FlatBuffer
+from .reference import compute_dtype
+
+__all__ = ["BADM", "STATE_VERSION"]
+
+# Version of the state_dict layout written by BADM.state_dict(); load_state_dict refuses newer
+# ones and converts older ones.
+STATE_VERSION = 1
+MODES = ("sub_batch", "merged")
+
+
+def _check_rho_sigma(rho: Any, sigma: Any) -> None:
+    if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"Invalid sigma: {sigma!r} (the penalty must be a finite number > 0)")
+    if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"Invalid rho: {rho!r} (the proximal coefficient must be a finite number >= 0)")
+
+
+def normalize_weights(weights: Any, sub_batches: int) -> list[float]:
+    """Validate this step's sub-batch weights and normalise them to sum 1."""
+    if weights is None:
+        return [1.0 / sub_batches] * sub_batches
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"weights must be 1-D, got shape {tuple(weights.shape)}")
+        weights = weights.detach().cpu().double().tolist()
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be a sequence of {sub_batches} numbers, got {weights!r}") from None
+    if len(w) != sub_batches:
+        raise ValueError(f"expected {sub_batches} weights (one per sub-batch), got {len(w)}")
+    if not all(math.isfinite(x) for x in w):
+        raise ValueError(f"weights must be finite, got {w}")
+    if any(x < 0 for x in w):
+        raise ValueError(f"weights must be >= 0, got {w}")
+    total = sum(w)
+    if total <= 0:
+        raise ValueError(f"weights must not all be zero, got {w}")
+    return [x / total for x in w]
+
+
+class BADM(Optimizer):
+    r"""Implements BADM, batch ADMM (Wang, Zhou and Li, arXiv:2407.01640).
+
+    Each batch is split into :math:`S` sub-batches; sub-batch :math:`s` keeps a dual
+    :math:`\pi_s`. With :math:`g_s` the gradient of sub-batch :math:`s`'s mean loss at the
+    global weights :math:`z` and :math:`\alpha_s` this step's normalised sub-batch weights,
+    one step is (the fused form of the paper's primal, dual and aggregation steps):
+
+    .. math::
+        \pi_s &\leftarrow \frac{\rho\,\pi_s - \sigma g_s}{\rho + \sigma} \\
+        z &\leftarrow z + \sum_s \alpha_s \Big[\frac{-2 g_s}{\rho + \sigma}
+            + \frac{(\rho - \sigma)\,\pi_s^{\text{old}}}{\sigma(\rho + \sigma)}\Big]
+
+    At steady state this behaves like momentum SGD with learning rate :math:`1/\sigma` and
+    momentum :math:`\rho/(\rho+\sigma)`: from SGD(lr :math:`\eta`, momentum :math:`\mu`) start
+    with :math:`\sigma = 1/\eta`, :math:`\rho = \sigma\mu/(1-\mu)`.
+
+    The parameters are re-pointed into one contiguous buffer per (group, device, dtype);
+    inside ``with opt.sub_batch(s):`` the gradients of a backward pass land in row ``s`` of
+    an ``(S, P)`` gradient buffer, and :meth:`step` makes one fused kernel call per buffer.
+
+    Args:
+        params (iterable): parameters or dicts defining parameter groups. Create the
+            optimizer after moving/casting the model: the parameters become views of its
+            buffers. Parameters with ``requires_grad=False`` at construction are never touched.
+        sub_batches (int, optional): :math:`S`, sub-batches per batch (default: 1).
+        rho (float, optional): proximal coefficient :math:`\rho \ge 0` (default: 9.0,
+            i.e. momentum 0.9 at :math:`\sigma = 1`).
+        sigma (float, optional): penalty :math:`\sigma > 0`, about 1/learning rate (default: 10.0).
+        backend (str, optional): ``"auto"`` (default), ``"triton"``, ``"cuda"``, ``"cpp"`` or
+            ``"torch"``; see :mod:`badm_fast.backends`. :attr:`backend` tells what runs.
+        mode (str, optional): ``"sub_batch"`` (default; the paper's form: one dual per
+            sub-batch, one backward pass per sub-batch) or ``"merged"``: the exact fast path
+            for constant weights — one dual buffer and one backward pass over the whole batch,
+            giving the same trajectory with :math:`S` times less state. ``step`` then refuses
+            weights that differ from the first step's.
+
+    Gradients: a sub-batch with no backward pass since :meth:`zero_grad` has gradient zero;
+    a parameter that gets no gradient in any sub-batch of a step is skipped (its weights and
+    duals do not change), like torch.optim skips parameters whose ``.grad`` is None; one that
+    gets a gradient in some sub-batches only has gradient zero in the others.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        sub_batches: int = 1,
+        rho: float = 9.0,
+        sigma: float = 10.0,
+        backend: str = "auto",
+        mode: str = "sub_batch",
+    ):
+        if isinstance(sub_batches, bool) or not isinstance(sub_batches, int) or sub_batches < 1:
+            raise ValueError(f"Invalid sub_batches: {sub_batches!r} (an int >= 1)")
+        _check_rho_sigma(rho, sigma)
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode: {mode!r}; choose one of {MODES}")
+        if backend != "auto" and backend not in backends.BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}; choose one of {('auto',) + backends.BACKENDS}")
+        self.sub_batches = sub_batches
+        self.mode = mode
+        self.requested_backend = backend
+        self._rows = 1 if mode == "merged" else sub_batches
+        self._buffers: list[list[FlatBuffer]] = []  # per group
+        self._kernels: dict[str, tuple[str, Callable[..., None]]] = {}  # device type -> (name, fn)
+        self._active_row: int | None = None
+        self._step_count = 0
+        self._merged_alpha: list[float] | None = None
+        self._weights_cache: dict[tuple, torch.Tensor] = {}
+        self._hook_handles: list[Any] = []
+        self.residuals: dict[str, torch.Tensor] | None = None
+        super().__init__(params, dict(rho=rho, sigma=sigma))
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        _check_rho_sigma(group.get("rho", self.defaults["rho"]), group.get("sigma", self.defaults["sigma"]))
+        for p in group["params"]:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, got {type(p).__name__}")
+            if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(f"BADM supports {[str(d) for d in SUPPORTED_DTYPES]} parameters, got {p.dtype}")
+            if p.requires_grad and not p.is_leaf:
+                raise ValueError("can't optimize a non-leaf Tensor")
+        n_before = len(self.param_groups)
+        super().add_param_group(group)  # checks duplicates, fills defaults
+        if len(self.param_groups) == n_before:  # pragma: no cover - base class raised
+            return
+        try:
+            self._buffers.append(self._build_buffers(self.param_groups[-1]))
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _build_buffers(self, group: dict[str, Any]) -> list[FlatBuffer]:
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            if p.requires_grad:
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+        for device, _ in buckets:
+            if device.type not in self._kernels:
+                name = backends.resolve(self.requested_backend, device.type)
+                self._kernels[device.type] = (name, backends.kernel_for(name))
+        bufs = [FlatBuffer(ps, self._rows) for ps in buckets.values()]
+        for buf in bufs:
+            for i, p in enumerate(buf.params):
+                self.state[p] = {"duals": buf.dual_view(i)}
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(self._make_hook(buf, i)))
+        return bufs
+
+    def _make_hook(self, buf: FlatBuffer, i: int) -> Callable[[torch.Tensor], None]:
+        param = buf.params[i]
+
+        def hook(p: torch.Tensor) -> None:
+            if p is not param:  # a copy of the parameter (deepcopy of the model): not ours
+                return
+            row = self._active_row
+            if row is None:
+                if self._rows != 1:
+                    raise RuntimeError(
+                        f"BADM(sub_batches={self.sub_batches}): run each sub-batch's backward pass inside "
+                        "`with opt.sub_batch(s):` so its gradient lands in row s"
+                    )
+                row = 0
+            buf.absorb_grad(row, i)
+
+        return hook
+
+    @property
+    def backend(self) -> str | dict[str, str]:
+        """The back end that runs the fused step (a dict by device type if they differ)."""
+        names = {dev: name for dev, (name, _) in self._kernels.items()}
+        if len(set(names.values())) == 1:
+            return next(iter(names.values()))
+        return names if names else backends.resolve(self.requested_backend, "cpu")
+
+    def _all_buffers(self) -> Iterable[FlatBuffer]:
+        for bufs in self._buffers:
+            yield from bufs
+
+    # ------------------------------------------------------------------ gradients
+    @contextlib.contextmanager
+    def sub_batch(self, s: int):
+        """Gradients of backward passes inside this context land in row ``s``."""
+        if self.mode == "merged":
+            raise ValueError(
+                "mode='merged' takes one backward pass over the whole batch; sub_batch() is for mode='sub_batch'"
+            )
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.sub_batches:
+            raise ValueError(f"sub-batch index {s!r} out of range [0, {self.sub_batches})")
+        if self._active_row is not None:
+            raise RuntimeError(f"already inside sub_batch({self._active_row}); contexts do not nest")
+        for buf in self._all_buffers():
+            buf.begin_row(s)
+        self._active_row = s
+        try:
+            yield self
+        finally:
+            self._active_row = None
+
+    def set_grads(self, s: int, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        """Write the gradients of sub-batch ``s`` directly (as if its backward pass had run
+        inside ``sub_batch(s)``), e.g. gradients computed by ``torch.func``."""
+        rows = self._rows
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < rows:
+            raise ValueError(f"sub-batch index {s!r} out of range [0, {rows})")
+        params, grads = list(params), list(grads)
+        if len(params) != len(grads):
+            raise ValueError(f"got {len(params)} parameters but {len(grads)} gradients")
+        where = {id(p): (buf, i) for buf in self._all_buffers() for i, p in enumerate(buf.params)}
+        for p in params:
+            if id(p) not in where:
+                raise ValueError(f"parameter of shape {tuple(p.shape)} is not managed by this optimizer")
+        for p, g in zip(params, grads):
+            buf, i = where[id(p)]
+            buf.write_grad(s, i, g)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of all sub-batches (``p.grad`` is None or a zeroed view)."""
+        for buf in self._all_buffers():
+            buf.zero_grad(set_to_none)
+
+    # ------------------------------------------------------------------ step
+    def _weights_tensor(self, alpha: list[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (tuple(alpha), device, dtype)
+        t = self._weights_cache.get(key)
+        if t is None:
+            if len(self._weights_cache) > 64:
+                self._weights_cache.clear()
+            t = torch.tensor(alpha, dtype=dtype, device=device)
+            self._weights_cache[key] = t
+        return t
+
+    def _step_alpha(self, weights: Any) -> tuple[list[float], list[float]]:
+        """This step's normalised weights, and the weights the kernel uses (``[1.0]`` when merged)."""
+        alpha = normalize_weights(weights, self.sub_batches)
+        if self.mode == "sub_batch":
+            return alpha, alpha
+        if self._merged_alpha is not None and any(abs(a - b) > 1e-12 for a, b in zip(alpha, self._merged_alpha)):
+            raise ValueError(
+                "mode='merged' requires the same sub-batch weights at every step (its exactness rests on "
+                f"constant weights); got {alpha}, earlier {self._merged_alpha}. Use mode='sub_batch' for "
+                "ragged or re-weighted batches"
+            )
+        return alpha, [1.0]
+
+    def step(self, closure: Callable[[], Any] | None = None, *, weights: Any = None, residuals: bool = False):
+        r"""Performs one BADM step: updates every dual and aggregates into the weights.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model (running the sub-batches'
+                backward passes) and returns the loss.
+            weights (sequence of float or Tensor, optional): this step's sub-batch weights,
+                e.g. the sub-batch sizes; normalised to sum 1 (default: equal).
+            residuals (bool, optional): also compute, in the same pass, the primal residual
+                :math:`\sqrt{\sum_s \alpha_s \|w_s' - z\|^2}` and the dual residual
+                :math:`\sigma \|z' - z\|` over all parameters; stored in :attr:`residuals`
+                as 0-dim float64 tensors on the parameters' device (no host synchronisation).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        alpha, kernel_alpha = self._step_alpha(weights)
+        for group in self.param_groups:
+            _check_rho_sigma(group["rho"], group["sigma"])
+        sums = None  # [primal^2, dual^2]
+        with torch.no_grad():
+            for group, bufs in zip(self.param_groups, self._buffers):
+                rho, sigma = float(group["rho"]), float(group["sigma"])
+                for buf in bufs:
+                    buf.check_binding()
+                    buf.prepare_rows()
+                    _, fn = self._kernels[buf.device.type]
+                    w = self._weights_tensor(kernel_alpha, buf.device, compute_dtype(buf.dtype))
+                    res = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals else None
+                    for a, b in buf.active_runs():
+                        fn(buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res)
+                    if residuals:
+                        part = res * res.new_tensor([1.0, sigma * sigma])
+                        sums = part if sums is None else sums + part.to(sums.device)
+        if self.mode == "merged" and self._merged_alpha is None:
+            self._merged_alpha = alpha
+        self._step_count += 1
+        if residuals:
+            sums = torch.zeros(2, dtype=torch.float64) if sums is None else sums
+            self.residuals = {"primal": sums[0].sqrt(), "dual": sums[1].sqrt()}
+        return loss
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim-compatible state: per-parameter ``duals`` (copies) under the parameter's
+        index, the param groups, and BADM's metadata under ``"badm"`` (versioned)."""
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = []
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+                packed["params"].append(index[id(p)])
+            groups.append(packed)
+        state = {}
+        for buf in self._all_buffers():
+            for i, p in enumerate(buf.params):
+                state[index[id(p)]] = {"duals": buf.dual_view(i).clone()}
+        meta = {
+            "version": STATE_VERSION,
+            "sub_batches": self.sub_batches,
+            "mode": self.mode,
+            "step": self._step_count,
+            "merged_alpha": list(self._merged_alpha) if self._merged_alpha is not None else None,
+        }
+        return {"state": state, "param_groups": groups, "badm": meta}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`. Everything is checked before anything changes:
+        a state whose layout does not match (version, sub-batches, mode, groups, shapes) raises
+        ValueError and leaves the optimizer as it was."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
+        meta = state_dict.get("badm")
+        if meta is None:
+            raise ValueError("not a BADM state_dict (no 'badm' metadata)")
+        version = meta.get("version")
+        if not isinstance(version, int) or version > STATE_VERSION or version < 1:
+            raise ValueError(f"unsupported BADM state version {version!r} (this badm_fast reads 1..{STATE_VERSION})")
+        if meta.get("sub_batches") != self.sub_batches or meta.get("mode") != self.mode:
+            raise ValueError(
+                f"state was saved with sub_batches={meta.get('sub_batches')}, mode={meta.get('mode')!r}; "
+                f"this optimizer has sub_batches={self.sub_batches}, mode={self.mode!r}"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
+            )
+        for k, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"parameter group {k} has {len(g['params'])} parameters, the state {len(sg['params'])}"
+                )
+            _check_rho_sigma(sg.get("rho", g["rho"]), sg.get("sigma", g["sigma"]))
+        # Map saved indices to our parameters and check every dual's shape first.
+        updates = []
+        for g, sg in zip(self.param_groups, saved_groups):
+            for p, idx in zip(g["params"], sg["params"]):
+                entry = state_dict["state"].get(idx)
+                if not p.requires_grad:
+                    continue
+                if entry is None or "duals" not in entry:
+                    raise ValueError(f"state has no duals for parameter {idx} (shape {tuple(p.shape)})")
+                d = entry["duals"]
+                want = (self._rows, *p.shape)
+                if not isinstance(d, torch.Tensor) or tuple(d.shape) != want:
+                    got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+                    raise ValueError(f"duals of parameter {idx} have shape {got}, expected {want}")
+                if not d.is_floating_point():
+                    raise ValueError(f"duals of parameter {idx} have dtype {d.dtype}, expected a floating dtype")
+                updates.append((p, d))
+        views = {id(p): buf.dual_view(i) for buf in self._all_buffers() for i, p in enumerate(buf.params)}
+        with torch.no_grad():
+            for p, d in updates:
+                views[id(p)].copy_(d)
+        for g, sg in zip(self.param_groups, saved_groups):
+            for k, v in sg.items():
+                if k != "params":
+                    g[k] = v
+        self._step_count = int(meta.get("step", 0))
+        ma = meta.get("merged_alpha")
+        self._merged_alpha = list(ma) if ma is not None else None
+
+    # ------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "param_groups": self.param_groups,
+            "defaults": self.defaults,
+            "config": dict(sub_batches=self.sub_batches, backend=self.requested_backend, mode=self.mode),
+            "badm_state": self.state_dict(),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        groups = [dict(g) for g in state["param_groups"]]
+        cfg = state["config"]
+        self.__init__(groups, rho=state["defaults"]["rho"], sigma=state["defaults"]["sigma"], **cfg)
+        self.load_state_dict(state["badm_state"])
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (sub_batches={self.sub_batches}, mode={self.mode!r}, backend={self.backend!r}"]
+        for i, group in enumerate(self.param_groups):
+            n = sum(p.numel() for p in group["params"])
+            lines.append(f"  Parameter Group {i}: rho={group['rho']}, sigma={group['sigma']}, elements={n}")
+        return "\n".join(lines) + "\n)"

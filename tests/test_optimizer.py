@@ -1,0 +1,618 @@
+"""badm_fast.BADM: faithfulness to the paper form, the exact fast path, and torch.optim conventions."""
+
+import copy
+import io
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import badm_fast
+from badm_fast import backends, reference
+
+
+def _cpu_backends():
+    out = ["torch"]
+    ok, reason, _ = backends.availability("cpp", "cpu")
+    out.append("cpp" if ok else pytest.param("cpp", marks=pytest.mark.skip(reason=reason)))
+    return out
+
+
+CPU_BACKENDS = _cpu_backends()
+
+
+def _model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def _data(n=40, seed=1, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen, dtype=dtype)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # a learnable labelling
+
+
+def _snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], [
+        opt.state[p]["duals"].clone() for p in model.parameters() if p in opt.state
+    ]
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        assert len(x) == len(y)
+        for u, v in zip(x, y):
+            assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------- faithfulness
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("S", [1, 2, 3, 8])
+def test_optimizer_follows_the_paper_form(backend, S):
+    """The optimizer's weights after each step equal a direct transcription of the paper
+    form (explicit w_s, pi_s) fed with the same sub-batch gradients; weights change each step."""
+    rho, sigma = 3.0, 5.0
+    model = _model()
+    names = [n for n, _ in model.named_parameters()]
+    paper = {n: reference.PaperState.init(p.detach(), S) for n, p in model.named_parameters()}
+    opt = badm_fast.BADM(model.parameters(), sub_batches=S, rho=rho, sigma=sigma, backend=backend)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(12):
+        x, y = _data(n=int(torch.randint(S, 4 * S + 9, (), generator=gen)), seed=step)
+        parts = badm_fast.split_batch(x, y, S)
+        # sub-batch gradients at the current z, computed independently of the optimizer
+        grads = {n: [] for n in names}
+        for xs, ys in parts:
+            m = copy.deepcopy(model)
+            if ys.shape[0]:
+                F.cross_entropy(m(*xs), ys).backward()
+            for n, p in m.named_parameters():
+                grads[n].append(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        sizes = torch.tensor([float(ys.shape[0]) for _, ys in parts], dtype=torch.float64)
+        alpha = sizes / sizes.sum()
+        want = {n: reference.paper_step(paper[n], torch.stack(grads[n]), alpha, rho, sigma) for n in names}
+        badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), want[n], rtol=1e-10, atol=1e-12, msg=f"{n} step {step}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_qhm_oracle_tracks_the_optimizer(backend):
+    """BADM(S=4, constant equal weights) is QHM on the full-batch gradient (ALGORITHM.md)."""
+    rho, sigma, S = 9.0, 10.0, 4
+    model, oracle = _model(), _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=S, rho=rho, sigma=sigma, backend=backend)
+    lr, beta, nu = 1 / sigma, rho / (rho + sigma), 1 - sigma / rho
+    bufs = [torch.zeros_like(p) for p in oracle.parameters()]
+    x, y = _data(n=48)
+    for step in range(40):
+        badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+        oracle.zero_grad()
+        F.cross_entropy(oracle(x), y).backward()
+        with torch.no_grad():
+            for p, b in zip(oracle.parameters(), bufs):
+                b.mul_(beta).add_(p.grad, alpha=1 - beta)
+                p.sub_(lr * ((1 - nu) * p.grad + nu * b))
+        for p, q in zip(model.parameters(), oracle.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_merged_mode_gives_the_per_sub_batch_trajectory(backend):
+    S = 4
+    a, b = _model(), _model()
+    opt_a = badm_fast.BADM(a.parameters(), sub_batches=S, rho=4.0, sigma=8.0, backend=backend)
+    opt_b = badm_fast.BADM(b.parameters(), sub_batches=S, rho=4.0, sigma=8.0, backend=backend, mode="merged")
+    x, y = _data(n=32)
+    for _ in range(25):
+        badm_fast.split_step(a, opt_a, F.cross_entropy, x, y)
+        badm_fast.split_step(b, opt_b, F.cross_entropy, x, y)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    # S times less state
+    p0 = next(b.parameters())
+    assert opt_b.state[p0]["duals"].shape[0] == 1 and opt_a.state[next(a.parameters())]["duals"].shape[0] == S
+
+
+def test_merged_mode_refuses_changing_weights_without_changing_state():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, mode="merged")
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    opt.step(weights=[1, 1])
+    F.cross_entropy(model(x), y).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="same sub-batch weights"):
+        opt.step(weights=[3, 1])
+    _assert_same(before, _snapshot(model, opt))
+    with pytest.raises(ValueError, match="one backward pass over the whole batch"):
+        with opt.sub_batch(0):
+            pass
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_step_equals_split_step(backend):
+    a, b = _model(), _model()
+    opt_a = badm_fast.BADM(a.parameters(), sub_batches=4, rho=2.0, sigma=6.0, backend=backend)
+    opt_b = badm_fast.BADM(b.parameters(), sub_batches=4, rho=2.0, sigma=6.0, backend=backend)
+    x, y = _data(n=24)
+    for _ in range(5):
+        la = badm_fast.split_step(a, opt_a, F.cross_entropy, x, y)
+        lb = badm_fast.vmap_step(b, opt_b, F.cross_entropy, x, y)
+        torch.testing.assert_close(la, lb)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="multiple of sub_batches=4"):
+        badm_fast.vmap_step(b, opt_b, F.cross_entropy, x[:10], y[:10])
+
+
+def test_loss_goes_down():
+    model = _model(dtype=torch.float32)
+    opt = badm_fast.BADM(model.parameters(), sub_batches=4, rho=9.0, sigma=10.0)
+    x, y = _data(n=64, dtype=torch.float32)
+    first = badm_fast.split_step(model, opt, F.cross_entropy, x, y).item()
+    for _ in range(100):
+        last = badm_fast.split_step(model, opt, F.cross_entropy, x, y).item()
+    assert last < 0.7 * first
+
+
+# ---------------------------------------------------------------- flat buffers and gradients
+
+
+def test_parameters_become_views_and_gradients_land_in_rows():
+    model = _model(dtype=torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = badm_fast.BADM(model.parameters(), sub_batches=3)
+    (buf,) = opt._buffers[0]
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)  # values kept
+        assert p.untyped_storage().data_ptr() == buf.z.untyped_storage().data_ptr()
+    x, y = _data(n=9, dtype=torch.float32)
+    for s in range(3):
+        with opt.sub_batch(s):
+            F.cross_entropy(model(x[3 * s : 3 * s + 3]), y[3 * s : 3 * s + 3]).backward()
+            assert all(p.grad.untyped_storage().data_ptr() == buf.grads.untyped_storage().data_ptr()
+                       for p in model.parameters())
+    # row s holds exactly sub-batch s's gradient
+    for s in range(3):
+        ref = _model(dtype=torch.float32)
+        ref.load_state_dict(model.state_dict())
+        F.cross_entropy(ref(x[3 * s : 3 * s + 3]), y[3 * s : 3 * s + 3]).backward()
+        for i, q in enumerate(ref.parameters()):
+            torch.testing.assert_close(buf.grad_view(s, i), q.grad)
+
+
+def test_plain_backward_outside_sub_batch_is_refused_for_several_sub_batches():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2)
+    x, y = _data()
+    with pytest.raises(RuntimeError, match=r"inside `with opt.sub_batch\(s\):`"):
+        F.cross_entropy(model(x), y).backward()
+    assert opt  # the optimizer is still usable
+    with opt.sub_batch(0):
+        F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_drop_in_loop_with_one_sub_batch_matches_momentum_sgd(backend):
+    """S=1, rho=sigma*mu/(1-mu), plain loop zero_grad/backward/step: QHM with nu = 1-(1-mu)/mu."""
+    model, ref = _model(), _model()
+    opt = badm_fast.BADM(model.parameters(), rho=10.0, sigma=10.0, backend=backend)  # rho == sigma: SGD lr 0.1
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = _data()
+    for _ in range(10):
+        for m, o in ((model, opt), (ref, sgd)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_closure():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=1.0, sigma=5.0)
+    x, y = _data()
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        total = 0.0
+        for s, (xs, ys) in enumerate(badm_fast.split_batch(x, y, 2)):
+            with opt.sub_batch(s):
+                loss = F.cross_entropy(model(*xs), ys)
+                loss.backward()
+            total += loss.item() / 2
+        calls.append(total)
+        return total
+
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(closure)
+    assert loss == calls[0] and len(calls) == 1
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_parameter_without_gradient_is_skipped_and_partial_gradients_count_as_zero():
+    torch.manual_seed(0)
+    used, unused, half = nn.Linear(4, 2), nn.Linear(4, 2), nn.Linear(4, 2)
+    params = list(used.parameters()) + list(unused.parameters()) + list(half.parameters())
+    opt = badm_fast.BADM(params, sub_batches=2, rho=2.0, sigma=3.0)
+    x = torch.randn(8, 4)
+    # seed non-zero duals everywhere, so a skipped parameter would visibly move
+    for p in params:
+        opt.state[p]["duals"].normal_()
+    before_unused = [p.detach().clone() for p in unused.parameters()]
+    duals_unused = [opt.state[p]["duals"].clone() for p in unused.parameters()]
+    half_before = [(p.detach().clone(), opt.state[p]["duals"].clone()) for p in half.parameters()]
+    for s in range(2):
+        with opt.sub_batch(s):
+            out = used(x[4 * s : 4 * s + 4]).sum()
+            if s == 0:
+                out = out + half(x[:4]).sum()
+            out.backward()
+    g_half = [p.grad.clone() for p in half.parameters()]  # row 1's view: zero
+    opt.step()
+    for p, b, d in zip(unused.parameters(), before_unused, duals_unused):
+        assert torch.equal(p, b) and torch.equal(opt.state[p]["duals"], d)
+    # 'half' got a gradient in sub-batch 0 only: sub-batch 1's gradient is zero
+    for (z0, d0), p, g1 in zip(half_before, half.parameters(), g_half):
+        assert torch.count_nonzero(g1) == 0
+        g0 = torch.ones_like(z0) * 4.0 if p.dim() == 1 else x[:4].sum(0).expand_as(z0)
+        z, duals = z0.flatten().clone(), d0.reshape(2, -1).clone()
+        reference.fused_step_(z, torch.stack([g0.flatten(), torch.zeros(z.numel())]), duals,
+                              torch.tensor([0.5, 0.5]), 2.0, 3.0)
+        torch.testing.assert_close(p.detach().flatten(), z)
+        torch.testing.assert_close(opt.state[p]["duals"].reshape(2, -1), duals)
+
+
+def test_frozen_parameters_are_never_touched():
+    model = _model()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    ptr, value = frozen.data_ptr(), frozen.detach().clone()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2)
+    x, y = _data()
+    for _ in range(3):
+        badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+    assert frozen.data_ptr() == ptr and torch.equal(frozen, value) and frozen not in opt.state
+
+
+def test_param_groups_with_their_own_rho_sigma():
+    model = _model()
+    opt = badm_fast.BADM(
+        [{"params": model[0].parameters(), "rho": 1.0, "sigma": 4.0}, {"params": model[2].parameters()}],
+        sub_batches=2, rho=5.0, sigma=7.0,
+    )
+    assert [g["rho"] for g in opt.param_groups] == [1.0, 5.0]
+    refs = {p: (reference.PaperState.init(p.detach(), 2), g["rho"], g["sigma"])
+            for g in opt.param_groups for p in g["params"]}
+    x, y = _data(n=20)
+    for step in range(5):
+        grads = {}
+        for s, (xs, ys) in enumerate(badm_fast.split_batch(x, y, 2)):
+            m = copy.deepcopy(model)
+            F.cross_entropy(m(*xs), ys).backward()
+            for p, q in zip(model.parameters(), m.parameters()):
+                grads.setdefault(p, []).append(q.grad)
+        want = {p: reference.paper_step(st, torch.stack(grads[p]), torch.tensor([0.5, 0.5]), r, sg)
+                for p, (st, r, sg) in refs.items()}
+        badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+        for p in model.parameters():
+            torch.testing.assert_close(p.detach(), want[p], rtol=1e-10, atol=1e-12)
+
+
+def test_add_param_group():
+    a, b = nn.Linear(3, 3).double(), nn.Linear(3, 1).double()
+    opt = badm_fast.BADM(a.parameters(), sub_batches=2)
+    opt.add_param_group({"params": b.parameters(), "sigma": 3.0})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["sigma"] == 3.0 and opt.param_groups[1]["rho"] == 9.0
+    x = torch.randn(4, 3, dtype=torch.float64)
+    before = b.weight.detach().clone()
+    for s in range(2):
+        with opt.sub_batch(s):
+            b(a(x[2 * s : 2 * s + 2])).sum().backward()
+    opt.step()
+    assert not torch.equal(b.weight, before)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        opt.add_param_group({"params": b.parameters()})
+    with pytest.raises(ValueError, match="Invalid sigma"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "sigma": 0.0})
+    assert len(opt.param_groups) == 2
+
+
+def test_zero_grad():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2)
+    x, y = _data()
+    with opt.sub_batch(1):
+        F.cross_entropy(model(x), y).backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    assert torch.count_nonzero(opt._buffers[0][0].grads) == 0
+
+
+def test_sparse_gradients_are_refused():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = badm_fast.BADM(emb.parameters())
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        emb(torch.tensor([1, 2])).sum().backward()
+    assert not opt._buffers[0][0].touched[0][0]
+
+
+def test_step_hooks_run():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters())
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append("post"))
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert seen == ["pre", "post"]
+
+
+def test_repr_names_the_configuration():
+    opt = badm_fast.BADM(_model().parameters(), sub_batches=3, rho=2.0, sigma=4.0, backend="torch")
+    r = repr(opt)
+    assert r.startswith("BADM (sub_batches=3") and "rho=2.0, sigma=4.0" in r and "backend='torch'" in r
+
+
+def test_residuals_are_reported():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=2.0, sigma=5.0)
+    x, y = _data()
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    for s, (xs, ys) in enumerate(badm_fast.split_batch(x, y, 2)):
+        with opt.sub_batch(s):
+            F.cross_entropy(model(*xs), ys).backward()
+    grads = [torch.cat([opt._buffers[0][0].grad_view(s, i).flatten() for i in range(4)]) for s in range(2)]
+    opt.step(residuals=True)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(opt.residuals["dual"], 5.0 * (after - before).norm())
+    # first step: duals were zero, w_s' - z = -g_s/(rho+sigma)
+    want = (0.5 * sum((g / 7.0).square().sum() for g in grads)).sqrt()
+    torch.testing.assert_close(opt.residuals["primal"], want)
+
+
+# ---------------------------------------------------------------- state
+
+
+def _train(model, opt, steps, seed=0):
+    for t in range(steps):
+        x, y = _data(n=20, seed=seed + t)
+        badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_state_dict_round_trip_resumes_bit_exactly(backend, tmp_path):
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=3, rho=2.0, sigma=6.0, backend=backend)
+    _train(model, opt, 5)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    _train(model, opt, 5, seed=100)
+
+    ckpt = torch.load(path, weights_only=True)
+    model2 = _model(seed=123)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = badm_fast.BADM(model2.parameters(), sub_batches=3, rho=0.5, sigma=1.0, backend=backend)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.param_groups[0]["rho"] == 2.0 and opt2.param_groups[0]["sigma"] == 6.0
+    _train(model2, opt2, 5, seed=100)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["duals"], opt2.state[q]["duals"])
+    assert ckpt["opt"]["badm"]["version"] == badm_fast.STATE_VERSION
+
+
+def test_state_dict_holds_compact_copies():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2)
+    sd = opt.state_dict()
+    for idx, p in enumerate(model.parameters()):
+        d = sd["state"][idx]["duals"]
+        assert d.shape == (2, *p.shape)
+        assert d.untyped_storage().nbytes() == d.numel() * d.element_size()  # no whole-buffer storage
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    assert buf.tell() < 4 * sum(p.numel() for p in model.parameters()) * 8 * 2
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda sd: sd["badm"].update(sub_batches=5), "sub_batches=5"),
+        (lambda sd: sd["badm"].update(version=99), "unsupported BADM state version 99"),
+        (lambda sd: sd.pop("badm"), "not a BADM state_dict"),
+        (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "2 parameter groups"),
+        (lambda sd: sd["state"][0].update(duals=torch.zeros(2, 7)), r"expected \(2, 16, 6\)"),
+        (lambda sd: sd["state"].pop(1), "no duals for parameter 1"),
+        (lambda sd: sd["param_groups"][0].update(sigma=-1.0), "Invalid sigma"),
+    ],
+)
+def test_load_state_dict_mismatch_raises_and_changes_nothing(mutate, match):
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=1.0, sigma=3.0)
+    _train(model, opt, 2)
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        entry["duals"] = torch.full_like(entry["duals"], 42.0)
+    sd["param_groups"][0]["rho"] = 7.0
+    mutate(sd)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    _assert_same(before, _snapshot(model, opt))
+    assert opt.param_groups[0]["rho"] == 1.0
+
+
+def test_deepcopy_and_pickle():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=2.0, sigma=4.0, backend="torch")
+    _train(model, opt, 3)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.sub_batches == 2 and clone.backend == "torch"
+        for p, q in zip(opt.param_groups[0]["params"], clone.param_groups[0]["params"]):
+            assert torch.equal(p, q) and p is not q
+            assert torch.equal(opt.state[p]["duals"], clone.state[q]["duals"])
+    # deepcopy of model and optimizer together keeps them linked
+    m2, o2 = copy.deepcopy((model, opt))
+    _train(model, opt, 2, seed=50)
+    _train(m2, o2, 2, seed=50)
+    for p, q in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_model_load_state_dict_writes_through_and_replaced_data_is_adopted():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=1)
+    other = _model(seed=9)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(opt._buffers[0][0].param_view(0), other[0].weight.detach())
+    new = _model(seed=10)[0].weight.detach().clone()
+    model[0].weight.data = new.clone()  # same shape/dtype/device, new storage
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    g = model[0].weight.grad.clone()
+    opt.step(weights=None)
+    assert model[0].weight.untyped_storage().data_ptr() == opt._buffers[0][0].z.untyped_storage().data_ptr()
+    torch.testing.assert_close(model[0].weight.detach(), new - 2 * g / (9.0 + 10.0))  # stepped from the new data
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sigma": 0.0}, "Invalid sigma"),
+        ({"sigma": -1.0}, "Invalid sigma"),
+        ({"sigma": float("nan")}, "Invalid sigma"),
+        ({"rho": -0.1}, "Invalid rho"),
+        ({"rho": float("inf")}, "Invalid rho"),
+        ({"sub_batches": 0}, "Invalid sub_batches"),
+        ({"sub_batches": 2.0}, "Invalid sub_batches"),
+        ({"mode": "fast"}, "Invalid mode"),
+        ({"backend": "tpu"}, "Invalid backend"),
+    ],
+)
+def test_constructor_errors(kwargs, match):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        badm_fast.BADM(model.parameters(), **kwargs)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_constructor_rejects_integer_parameters():
+    with pytest.raises(ValueError, match="BADM supports"):
+        badm_fast.BADM([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+
+
+@pytest.mark.parametrize(
+    "weights,match",
+    [
+        ([1.0, 2.0], "expected 3 weights"),
+        ([1.0, -1.0, 2.0], "must be >= 0"),
+        ([0.0, 0.0, 0.0], "must not all be zero"),
+        ([1.0, float("nan"), 1.0], "must be finite"),
+        ("abc", "sequence of 3 numbers"),
+        (torch.ones(3, 1), "must be 1-D"),
+    ],
+)
+def test_step_weight_errors_change_nothing(weights, match):
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=3, rho=1.0, sigma=2.0)
+    _train(model, opt, 1)
+    x, y = _data()
+    for s, (xs, ys) in enumerate(badm_fast.split_batch(x, y, 3)):
+        with opt.sub_batch(s):
+            F.cross_entropy(model(*xs), ys).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step(weights=weights)
+    _assert_same(before, _snapshot(model, opt))
+    opt.step(weights=[1, 1, 1])  # still usable
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before[0]))
+
+
+def test_sub_batch_index_errors():
+    opt = badm_fast.BADM(_model().parameters(), sub_batches=2)
+    for bad in (-1, 2, 1.0, True):
+        with pytest.raises(ValueError, match="out of range"):
+            with opt.sub_batch(bad):
+                pass
+    with pytest.raises(RuntimeError, match="do not nest"):
+        with opt.sub_batch(0):
+            with opt.sub_batch(1):
+                pass
+
+
+def test_step_refuses_invalid_group_hyperparameters():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters())
+    opt.param_groups[0]["sigma"] = 0.0
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="Invalid sigma"):
+        opt.step()
+    _assert_same(before, _snapshot(model, opt))
+
+
+def test_moved_parameter_is_a_clear_error():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters())
+    model.float()
+    x, y = _data(dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="create the optimizer after moving or casting"):
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="create the optimizer after moving or casting"):
+        opt.step()
+
+
+# ---------------------------------------------------------------- back ends
+
+
+def test_explicit_unavailable_backend_raises_with_the_reason():
+    with pytest.raises(badm_fast.BackendUnavailable, match="'cuda' is unavailable on cpu"):
+        badm_fast.BADM(_model().parameters(), backend="cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(badm_fast.BackendUnavailable, match="'triton' is unavailable on cpu"):
+            badm_fast.BADM(_model().parameters(), backend="triton")
+
+
+def test_auto_falls_back_to_torch_without_the_extension(monkeypatch, caplog):
+    monkeypatch.setattr(backends, "_load_extension", lambda: (None, ImportError("no _C here")))
+    with caplog.at_level("INFO", logger="badm_fast"):
+        opt = badm_fast.BADM(_model().parameters())
+    assert opt.backend == "torch"
+    assert "no _C here" in caplog.text
+    with pytest.raises(badm_fast.BackendUnavailable, match="no _C here") as info:
+        badm_fast.BADM(_model().parameters(), backend="cpp")
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_auto_picks_cpp_when_the_extension_is_built():
+    ok, reason, _ = backends.availability("cpp", "cpu")
+    if not ok:
+        if os.environ.get("BADM_FAST_REQUIRE_EXTENSION") == "1":
+            pytest.fail(f"the C++ extension must be built here: {reason}")
+        pytest.skip(reason)
+    assert badm_fast.BADM(_model().parameters()).backend == "cpp"
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv("BADM_FAST_BACKEND", "torch")
+    assert badm_fast.BADM(_model().parameters()).backend == "torch"
+    monkeypatch.setenv("BADM_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="BADM_FAST_BACKEND='bogus'"):
+        badm_fast.BADM(_model().parameters())
