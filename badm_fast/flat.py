@@ -143,6 +143,23 @@ class FlatBuffer:
         p.grad = view
         self.touched[r][i] = True
 
+    def adopt_assigned_grads(self) -> None:
+        """Take in gradients assigned directly (``p.grad = g``) since the last backward pass.
+
+        With one row they become row 0; with several rows the sub-batch is unknown, which is an
+        error (:meth:`BADM.set_grads` names it).
+        """
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None or any(g is views[i] for views in self._grad_views):
+                continue
+            if self.rows != 1:
+                raise RuntimeError(
+                    f"the .grad of parameter {i} (shape {tuple(p.shape)}) was assigned outside a sub-batch; "
+                    "with several sub-batches use opt.set_grads(s, params, grads) or backward inside opt.sub_batch(s)"
+                )
+            self.write_grad(0, i, g)
+
     def zero_grad(self, set_to_none: bool) -> None:
         for p in self.params:
             p.grad = None

@@ -20,6 +20,7 @@ __all__ = ["BADM", "STATE_VERSION"]
 # ones and converts older ones.
 STATE_VERSION = 1
 MODES = ("sub_batch", "merged")
+NONFINITE = ("raise", "skip", "ignore")
 
 
 def _check_rho_sigma(rho: Any, sigma: Any) -> None:
@@ -89,12 +90,24 @@ class BADM(Optimizer):
             for constant weights — one dual buffer and one backward pass over the whole batch,
             giving the same trajectory with :math:`S` times less state. ``step`` then refuses
             weights that differ from the first step's.
+        on_nonfinite (str, optional): what a NaN or infinite gradient does: ``"raise"``
+            (default) a RuntimeError naming the parameter and sub-batch, ``"skip"`` skips the
+            step and counts it in :attr:`skipped_steps`; in both cases weights and duals are
+            left exactly as they were. ``"ignore"`` does no check (one read of the gradients
+            less per step).
+
+    Mixed precision: ``torch.amp.GradScaler`` works (``scaler.step(opt)``); the gradients of
+    every sub-batch are unscaled and checked, and a step with a non-finite gradient is skipped
+    without touching any state. Call ``scaler.unscale_(opt)`` only with one sub-batch (it
+    unscales the ``.grad`` tensors, i.e. one row).
 
     Gradients: a sub-batch with no backward pass since :meth:`zero_grad` has gradient zero;
     a parameter that gets no gradient in any sub-batch of a step is skipped (its weights and
     duals do not change), like torch.optim skips parameters whose ``.grad`` is None; one that
     gets a gradient in some sub-batches only has gradient zero in the others.
     """
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf (see step)
 
     def __init__(
         self,
@@ -104,16 +117,21 @@ class BADM(Optimizer):
         sigma: float = 10.0,
         backend: str = "auto",
         mode: str = "sub_batch",
+        on_nonfinite: str = "raise",
     ):
         if isinstance(sub_batches, bool) or not isinstance(sub_batches, int) or sub_batches < 1:
             raise ValueError(f"Invalid sub_batches: {sub_batches!r} (an int >= 1)")
         _check_rho_sigma(rho, sigma)
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; choose one of {MODES}")
+        if on_nonfinite not in NONFINITE:
+            raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; choose one of {NONFINITE}")
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {('auto',) + backends.BACKENDS}")
         self.sub_batches = sub_batches
         self.mode = mode
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
         self.requested_backend = backend
         self._rows = 1 if mode == "merged" else sub_batches
         self._buffers: list[list[FlatBuffer]] = []  # per group
@@ -261,6 +279,53 @@ class BADM(Optimizer):
             )
         return alpha, [1.0]
 
+    def _gradients_ok(self) -> bool:
+        """Unscale (under GradScaler) and check the gradients of every row before any state
+        changes. Returns False when the step must be skipped; raises for on_nonfinite="raise"."""
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step around our step()
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is not None:
+            if grad_scale is None and self._rows > 1:
+                raise RuntimeError(
+                    "scaler.unscale_(opt) unscales only the .grad tensors, i.e. one sub-batch's row; with "
+                    "sub_batches > 1 let scaler.step(opt) unscale all rows (do not call scaler.unscale_)"
+                )
+            inv = None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(1)
+            total = found_inf.double().sum().cpu()
+            for buf in self._all_buffers():
+                flag = torch.zeros(1, dtype=torch.float32, device=buf.device)
+                scale = inv.to(buf.device) if inv is not None else torch.ones(1, device=buf.device)
+                torch._amp_foreach_non_finite_check_and_unscale_([buf.grads], flag, scale)
+                total += flag.double().sum().cpu()
+            return total.item() == 0  # else GradScaler lowers its scale; nothing changed
+
+        if self.on_nonfinite == "ignore":
+            return True
+        sums = [buf.grads.sum(dtype=compute_dtype(buf.dtype)).reshape(1).cpu() for buf in self._all_buffers()]
+        if not sums or bool(torch.isfinite(torch.cat(sums)).all()):
+            return True
+        where = self._locate_nonfinite()
+        if where is None:  # the sum overflowed, every gradient is finite
+            return True
+        if self.on_nonfinite == "skip":
+            return False
+        g, k, shape, row = where
+        raise RuntimeError(
+            f"non-finite gradient in parameter {k} of param group {g} (shape {shape}), sub-batch {row}; "
+            "the step was refused and weights and duals are unchanged "
+            "(BADM(..., on_nonfinite='skip') skips such steps instead)"
+        )
+
+    def _locate_nonfinite(self) -> tuple[int, int, tuple, int] | None:
+        for g, group in enumerate(self.param_groups):
+            index = {id(p): k for k, p in enumerate(group["params"])}
+            for buf in self._buffers[g]:
+                for r in range(buf.rows):
+                    for i, p in enumerate(buf.params):
+                        if not bool(torch.isfinite(buf.grad_view(r, i)).all()):
+                            return g, index[id(p)], tuple(p.shape), r
+        return None
+
     def step(self, closure: Callable[[], Any] | None = None, *, weights: Any = None, residuals: bool = False):
         r"""Performs one BADM step: updates every dual and aggregates into the weights.
 
@@ -281,13 +346,18 @@ class BADM(Optimizer):
         alpha, kernel_alpha = self._step_alpha(weights)
         for group in self.param_groups:
             _check_rho_sigma(group["rho"], group["sigma"])
+        for buf in self._all_buffers():
+            buf.check_binding()
+            buf.adopt_assigned_grads()
+            buf.prepare_rows()
+        if not self._gradients_ok():
+            self.skipped_steps += 1
+            return loss
         sums = None  # [primal^2, dual^2]
         with torch.no_grad():
             for group, bufs in zip(self.param_groups, self._buffers):
                 rho, sigma = float(group["rho"]), float(group["sigma"])
                 for buf in bufs:
-                    buf.check_binding()
-                    buf.prepare_rows()
                     _, fn = self._kernels[buf.device.type]
                     w = self._weights_tensor(kernel_alpha, buf.device, compute_dtype(buf.dtype))
                     res = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals else None

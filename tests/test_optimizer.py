@@ -616,3 +616,90 @@ def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("BADM_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="BADM_FAST_BACKEND='bogus'"):
         badm_fast.BADM(_model().parameters())
+
+
+# ---------------------------------------------------------------- non-finite gradients and AMP
+
+
+def _sub_batch_backward(model, opt, x, y, scale=None):
+    opt.zero_grad()
+    for s, (xs, ys) in enumerate(badm_fast.split_batch(x, y, opt.sub_batches)):
+        with opt.sub_batch(s):
+            loss = F.cross_entropy(model(*xs), ys)
+            (loss if scale is None else scale(loss)).backward()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_raises_naming_parameter_and_sub_batch(bad):
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=3, rho=1.0, sigma=2.0)
+    _train(model, opt, 2)
+    x, y = _data()
+    _sub_batch_backward(model, opt, x, y)
+    model[2].bias.grad  # row 2's view
+    opt._buffers[0][0].grad_view(1, 3)[2] = bad  # parameter 3 (model[2].bias), sub-batch 1
+    before = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"parameter 3 of param group 0 \(shape \(3,\)\), sub-batch 1"):
+        opt.step()
+    _assert_same(before, _snapshot(model, opt))
+
+
+def test_nonfinite_gradient_can_skip_the_step():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, on_nonfinite="skip")
+    x, y = _data()
+    _sub_batch_backward(model, opt, x, y)
+    opt._buffers[0][0].grads[0, 5] = float("nan")
+    before = _snapshot(model, opt)
+    opt.step()
+    _assert_same(before, _snapshot(model, opt))
+    assert opt.skipped_steps == 1
+    _sub_batch_backward(model, opt, x, y)
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before[0]))
+
+
+def test_large_finite_gradients_are_not_mistaken_for_nonfinite():
+    p = nn.Parameter(torch.zeros(4096, dtype=torch.float16))
+    opt = badm_fast.BADM([p], rho=0.0, sigma=1e6)
+    p.grad = torch.full_like(p, 60000.0)  # their fp16 sum overflows; every value is finite
+    opt.step()
+    assert torch.isfinite(p).all() and (p < 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grad_scaler_unscales_every_row_and_skips_nonfinite_steps(dtype):
+    a, b = _model(dtype=dtype), _model(dtype=dtype)
+    opt_a = badm_fast.BADM(a.parameters(), sub_batches=2, rho=2.0, sigma=4.0)
+    opt_b = badm_fast.BADM(b.parameters(), sub_batches=2, rho=2.0, sigma=4.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    x, y = _data(dtype=dtype)
+    for step in range(4):
+        _sub_batch_backward(a, opt_a, x, y)
+        opt_a.step()
+        _sub_batch_backward(b, opt_b, x, y, scale=scaler.scale)
+        if step == 2:
+            opt_b._buffers[0][0].grads[1, 0] = float("inf")
+            before = _snapshot(b, opt_b)
+        scaler.step(opt_b)
+        scaler.update()
+        if step == 2:
+            _assert_same(before, _snapshot(b, opt_b))
+            assert scaler.get_scale() == 2.0**9 and opt_b.skipped_steps == 1
+            _sub_batch_backward(b, opt_b, x, y, scale=scaler.scale)  # redo the step
+            scaler.step(opt_b)
+            scaler.update()
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)  # power-of-two scales unscale exactly
+
+
+def test_grad_scaler_unscale_with_several_sub_batches_is_refused():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = _data()
+    _sub_batch_backward(model, opt, x, y, scale=scaler.scale)
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="unscales only the .grad tensors"):
+        scaler.step(opt)
