@@ -18,7 +18,10 @@ __all__ = ["BADM", "STATE_VERSION"]
 
 # Version of the state_dict layout written by BADM.state_dict(); load_state_dict refuses newer
 # ones and converts older ones.
-STATE_VERSION = 1
+#   1: per-parameter duals, param groups, metadata (sub_batches, mode, step, merged_alpha).
+#   2: adds "alpha", the last step's normalised weights, which makes a per-sub-batch state
+#      convertible into a merged one (pi_bar = sum_s alpha_s pi_s).
+STATE_VERSION = 2
 MODES = ("sub_batch", "merged")
 NONFINITE = ("raise", "skip", "ignore")
 
@@ -139,6 +142,7 @@ class BADM(Optimizer):
         self._active_row: int | None = None
         self._step_count = 0
         self._merged_alpha: list[float] | None = None
+        self._last_alpha: list[float] | None = None
         self._weights_cache: dict[tuple, torch.Tensor] = {}
         self._hook_handles: list[Any] = []
         self.residuals: dict[str, torch.Tensor] | None = None
@@ -368,6 +372,7 @@ class BADM(Optimizer):
                         sums = part if sums is None else sums + part.to(sums.device)
         if self.mode == "merged" and self._merged_alpha is None:
             self._merged_alpha = alpha
+        self._last_alpha = alpha
         self._step_count += 1
         if residuals:
             sums = torch.zeros(2, dtype=torch.float64) if sums is None else sums
@@ -397,6 +402,7 @@ class BADM(Optimizer):
             "mode": self.mode,
             "step": self._step_count,
             "merged_alpha": list(self._merged_alpha) if self._merged_alpha is not None else None,
+            "alpha": list(self._last_alpha) if self._last_alpha is not None else None,
         }
         return {"state": state, "param_groups": groups, "badm": meta}
 
@@ -407,16 +413,13 @@ class BADM(Optimizer):
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
         meta = state_dict.get("badm")
-        if meta is None:
+        if not isinstance(meta, dict):
             raise ValueError("not a BADM state_dict (no 'badm' metadata)")
+        meta = dict(meta)  # annotated below; the caller's dict stays as it was
         version = meta.get("version")
         if not isinstance(version, int) or version > STATE_VERSION or version < 1:
             raise ValueError(f"unsupported BADM state version {version!r} (this badm_fast reads 1..{STATE_VERSION})")
-        if meta.get("sub_batches") != self.sub_batches or meta.get("mode") != self.mode:
-            raise ValueError(
-                f"state was saved with sub_batches={meta.get('sub_batches')}, mode={meta.get('mode')!r}; "
-                f"this optimizer has sub_batches={self.sub_batches}, mode={self.mode!r}"
-            )
+        convert = self._dual_converter(meta)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -438,7 +441,7 @@ class BADM(Optimizer):
                 if entry is None or "duals" not in entry:
                     raise ValueError(f"state has no duals for parameter {idx} (shape {tuple(p.shape)})")
                 d = entry["duals"]
-                want = (self._rows, *p.shape)
+                want = (meta["rows"], *p.shape)
                 if not isinstance(d, torch.Tensor) or tuple(d.shape) != want:
                     got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
                     raise ValueError(f"duals of parameter {idx} have shape {got}, expected {want}")
@@ -448,14 +451,60 @@ class BADM(Optimizer):
         views = {id(p): buf.dual_view(i) for buf in self._all_buffers() for i, p in enumerate(buf.params)}
         with torch.no_grad():
             for p, d in updates:
-                views[id(p)].copy_(d)
+                view = views[id(p)]
+                view.copy_(convert(d.to(device=view.device, dtype=torch.float64)))
         for g, sg in zip(self.param_groups, saved_groups):
             for k, v in sg.items():
                 if k != "params":
                     g[k] = v
         self._step_count = int(meta.get("step", 0))
-        ma = meta.get("merged_alpha")
-        self._merged_alpha = list(ma) if ma is not None else None
+        if meta["mode"] == self.mode:
+            ma = meta.get("merged_alpha")
+            self._merged_alpha = list(ma) if ma is not None else None
+            alpha = meta.get("alpha")
+            self._last_alpha = list(alpha) if alpha is not None else None
+        else:  # converted: merged -> sub_batch keeps no weights; sub_batch -> merged fixes them
+            self._merged_alpha = meta["convert_alpha"] if self.mode == "merged" else None
+            self._last_alpha = self._merged_alpha
+
+    def _dual_converter(self, meta: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Check the saved layout against ours; return the map from saved duals to ours.
+
+        Same mode and sub-batches: identity. A merged state (one dual pi_bar) loads into
+        ``mode="sub_batch"`` as pi_s = pi_bar for every s, which continues the same trajectory
+        under constant weights. A per-sub-batch state loads into ``mode="merged"`` as
+        pi_bar = sum_s alpha_s pi_s with the last step's weights (state version >= 2).
+        Adds ``rows`` (saved dual rows) and, for the latter, ``convert_alpha`` to ``meta``.
+        """
+        saved_s, saved_mode = meta.get("sub_batches"), meta.get("mode")
+        if saved_mode not in MODES or isinstance(saved_s, bool) or not isinstance(saved_s, int) or saved_s < 1:
+            raise ValueError(f"state has invalid sub_batches={saved_s!r} / mode={saved_mode!r}")
+        mismatch = ValueError(
+            f"state was saved with sub_batches={saved_s}, mode={saved_mode!r}; "
+            f"this optimizer has sub_batches={self.sub_batches}, mode={self.mode!r}"
+        )
+        meta["rows"] = 1 if saved_mode == "merged" else saved_s
+        if saved_mode == self.mode:
+            if saved_s != self.sub_batches:
+                raise mismatch
+            return lambda d: d
+        if saved_mode == "merged":  # -> sub_batch
+            return lambda d: d.expand(self._rows, *d.shape[1:])
+        # sub_batch -> merged
+        if saved_s != self.sub_batches:
+            raise mismatch
+        alpha = meta.get("alpha")
+        if alpha is None:
+            if meta.get("step", 0):
+                raise ValueError(
+                    f"a version-{meta['version']} per-sub-batch state does not record the weights needed to merge "
+                    "its duals; load it with mode='sub_batch'"
+                )
+            alpha = [1.0 / saved_s] * saved_s  # no step taken yet: the duals are zero
+        alpha = normalize_weights(alpha, saved_s)
+        meta["convert_alpha"] = alpha
+        w = torch.tensor(alpha, dtype=torch.float64)
+        return lambda d: (w.to(d.device).view(-1, *([1] * (d.dim() - 1))) * d).sum(0, keepdim=True)
 
     # ------------------------------------------------------------------ copy / pickle
     def __getstate__(self) -> dict[str, Any]:

@@ -636,7 +636,6 @@ def test_nonfinite_gradient_raises_naming_parameter_and_sub_batch(bad):
     _train(model, opt, 2)
     x, y = _data()
     _sub_batch_backward(model, opt, x, y)
-    model[2].bias.grad  # row 2's view
     opt._buffers[0][0].grad_view(1, 3)[2] = bad  # parameter 3 (model[2].bias), sub-batch 1
     before = _snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"parameter 3 of param group 0 \(shape \(3,\)\), sub-batch 1"):
@@ -703,3 +702,47 @@ def test_grad_scaler_unscale_with_several_sub_batches_is_refused():
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="unscales only the .grad tensors"):
         scaler.step(opt)
+
+
+# ---------------------------------------------------------------- state format versions and mode conversion
+
+
+def test_version_1_state_still_loads():
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=1.0, sigma=3.0)
+    _train(model, opt, 3)
+    sd = opt.state_dict()
+    assert sd["badm"]["version"] == 2 and len(sd["badm"]["alpha"]) == 2
+    v1 = copy.deepcopy(sd)
+    v1["badm"]["version"] = 1
+    del v1["badm"]["alpha"]  # what version 1 wrote
+    model2 = copy.deepcopy(model)
+    opt2 = badm_fast.BADM(model2.parameters(), sub_batches=2)
+    opt2.load_state_dict(v1)
+    assert v1["badm"].keys() == {"version", "sub_batches", "mode", "step", "merged_alpha"}  # caller's dict untouched
+    _train(model, opt, 2, seed=7)
+    _train(model2, opt2, 2, seed=7)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="does not record the weights needed to merge"):
+        badm_fast.BADM(copy.deepcopy(model).parameters(), sub_batches=2, mode="merged").load_state_dict(v1)
+
+
+@pytest.mark.parametrize("direction", ["merged_to_sub_batch", "sub_batch_to_merged"])
+def test_state_converts_between_modes_and_continues_the_trajectory(direction):
+    S = 4
+    x, y = _data(n=32)
+    first, second = ("merged", "sub_batch") if direction == "merged_to_sub_batch" else ("sub_batch", "merged")
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=S, rho=3.0, sigma=6.0, mode=first)
+    for _ in range(4):
+        badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+    model2 = copy.deepcopy(model)
+    opt2 = badm_fast.BADM(model2.parameters(), sub_batches=S, rho=3.0, sigma=6.0, mode=second)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[next(model2.parameters())]["duals"].shape[0] == (S if second == "sub_batch" else 1)
+    for _ in range(4):
+        badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+        badm_fast.split_step(model2, opt2, F.cross_entropy, x, y)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
