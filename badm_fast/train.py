@@ -1,0 +1,435 @@
+"""``badm-train``: train real models with BADM and with SGD, Adam, AdamW or QHM, side by side.
+
+Every optimizer starts from the same initial weights and sees the same data in the same
+order (one seeded permutation per epoch, identical for all). Results go to ``--out``
+(default ``runs/<task>``): ``results.json`` (config, versions, per-epoch train loss, test
+metric and cumulative training time per optimizer), ``curves.png`` and, for ``--task
+generate``, ``samples.png``. A summary table is printed at the end.
+
+Examples::
+
+    badm-train                                   # digits, badm vs sgd vs adam, ~1 min on 2 cores
+    badm-train --task fashion-mnist --epochs 2 --optimizers badm,adam
+    python -m badm_fast.train --task charlm --device cuda
+
+The training step of BADM is the paper's: the batch is cut into ``--sub-batches`` chunks,
+each chunk's loss is backpropagated into its own gradient row (``opt.sub_batch(s)``) and one
+fused step aggregates them, weighted by the chunk sizes. The loop is reusable:
+:func:`train_epoch` takes any model, optimizer, loss function and iterable of batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from badm_fast import tasks as _tasks
+
+__all__ = ["OPTIMIZERS", "build_parser", "main", "make_optimizer", "train_epoch", "epoch_batches", "atomic_open"]
+
+OPTIMIZERS = ("badm", "sgd", "adam", "adamw", "qhm")
+DEFAULT_OPTIMIZERS = "badm,sgd,adam"
+
+# CLI flag (dest) -> (optimizer, keyword of its constructor)
+_HYPERPARAMETERS = {
+    "sgd_lr": ("sgd", "lr"),
+    "sgd_momentum": ("sgd", "momentum"),
+    "adam_lr": ("adam", "lr"),
+    "adamw_lr": ("adamw", "lr"),
+    "adamw_weight_decay": ("adamw", "weight_decay"),
+    "qhm_lr": ("qhm", "lr"),
+    "qhm_beta": ("qhm", "beta"),
+    "qhm_nu": ("qhm", "nu"),
+    "badm_rho": ("badm", "rho"),
+    "badm_sigma": ("badm", "sigma"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w"):
+    """Opens a temporary file next to ``path``; on success it replaces ``path`` in one rename.
+
+    Readers never see a half-written file; on an exception the temporary file is removed and
+    ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _versions() -> dict:
+    import numpy
+
+    try:
+        import badm_fast
+
+        badm_version = getattr(badm_fast, "__version__", None)
+        if badm_version is None:
+            from importlib.metadata import version
+
+            badm_version = version("badm_fast")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        badm_version = "unknown"
+    return dict(
+        badm_fast=badm_version,
+        torch=torch.__version__,
+        numpy=numpy.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        machine=platform.machine(),
+        torch_threads=torch.get_num_threads(),
+        cuda=torch.version.cuda,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers and the training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(
+    name: str, params, hp: dict, sub_batches: int = 4, badm_backend: str = "auto", badm_mode: str = "sub_batch"
+) -> torch.optim.Optimizer:
+    """Builds optimizer ``name`` (one of :data:`OPTIMIZERS`) with hyperparameters ``hp``."""
+    if name == "badm":
+        from badm_fast import BADM
+
+        return BADM(
+            params, sub_batches=sub_batches, rho=hp["rho"], sigma=hp["sigma"], backend=badm_backend, mode=badm_mode
+        )
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=hp["lr"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    if name == "qhm":
+        from badm_fast.qhm import QHM
+
+        return QHM(params, lr=hp["lr"], beta=hp["beta"], nu=hp["nu"])
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def train_step(model, opt, loss_fn, inputs, targets) -> float:
+    """One optimizer step on a batch; returns the batch's mean loss (a Python float).
+
+    BADM goes through :func:`badm_fast.split_step`: in ``mode="sub_batch"`` (the paper's
+    form) one forward/backward pass per sub-batch, each into its own gradient row, then one
+    fused step weighted by the sub-batch sizes; in ``mode="merged"`` one pass over the batch.
+    Every other optimizer takes one forward/backward pass over the whole batch.
+    """
+    from badm_fast import BADM, split_step
+
+    if isinstance(opt, BADM):
+        return float(split_step(model, opt, loss_fn, inputs, targets))
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, max_steps: int | None = None):
+    """Index batches of one epoch: a permutation of ``range(n)`` seeded by ``(seed, epoch)``.
+
+    The same arguments give the same batches for every optimizer. ``batch_size <= 0`` means
+    one batch of all ``n`` examples; the last batch may be smaller (BADM weights its
+    sub-batches by their sizes). ``max_steps`` keeps only the first batches.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    size = n if batch_size <= 0 else batch_size
+    batches = list(perm.split(size))
+    if max_steps is not None:
+        batches = batches[:max_steps]
+    return batches
+
+
+def train_epoch(model, opt, loss_fn, batches, progress=None) -> float:
+    """Trains one epoch over ``batches`` (an iterable of ``(inputs, targets)``).
+
+    Returns the sample-weighted mean training loss of the epoch.
+    """
+    model.train()
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        loss = train_step(model, opt, loss_fn, inputs, targets)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss}; lower the learning rate (or raise sigma)")
+        total += loss * inputs.shape[0]
+        count += inputs.shape[0]
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    return total / max(count, 1)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progress: bool):
+    """Trains a fresh copy of the task's model (weights ``init_state``) with optimizer ``name``.
+
+    Returns ``(record, model)``: the per-epoch record of ``results.json`` and the trained model.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(args.seed)
+    model = task.build_model().to(task.device)
+    model.load_state_dict(init_state)
+    opt = make_optimizer(name, model.parameters(), hp, args.sub_batches, args.badm_backend, args.badm_mode)
+    torch.manual_seed(args.seed + 1)  # dropout and sampling noise: the same stream for every optimizer
+
+    model.eval()
+    with torch.no_grad():
+        initial = task.evaluate(model)
+    schedules = [
+        epoch_batches(task.n_train, args.batch_size, args.seed, e, args.max_steps_per_epoch)
+        for e in range(1, args.epochs + 1)
+    ]
+    total_steps = sum(len(b) for b in schedules)
+    record = dict(hyperparameters=dict(hp), initial_metric=initial, epochs=[])
+    elapsed = 0.0
+    with tqdm(total=total_steps, desc=f"{name:>5}", disable=not show_progress, dynamic_ncols=True, leave=True) as bar:
+        for epoch, batches in enumerate(schedules, start=1):
+            data = ((task.train_inputs[b.to(task.device)], task.train_targets[b.to(task.device)]) for b in batches)
+            _sync(task.device)
+            t0 = time.perf_counter()
+            loss = train_epoch(model, opt, task.loss_fn, data, progress=bar)
+            _sync(task.device)
+            elapsed += time.perf_counter() - t0
+            model.eval()
+            with torch.no_grad():
+                value = task.evaluate(model)
+            record["epochs"].append(dict(epoch=epoch, train_loss=loss, test_metric=value, time_s=elapsed))
+            bar.set_postfix(loss=f"{loss:.4f}", **{task.metric: f"{value:.4f}"})
+    values = [e["test_metric"] for e in record["epochs"]]
+    best = max(values) if task.higher_is_better else min(values)
+    record.update(
+        final_train_loss=record["epochs"][-1]["train_loss"],
+        final_metric=values[-1],
+        best_metric=best,
+        time_s=elapsed,
+        steps=total_steps,
+    )
+    if name == "badm":
+        record["backend"] = getattr(opt, "backend", None)
+        record["mode"] = args.badm_mode
+    return record, model
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="badm-train",
+        description="Train a real model with BADM and with SGD/Adam/AdamW/QHM from the same initial weights "
+        "on the same data order; write results.json, curves.png and print a summary.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--task", choices=list(_tasks.TASKS), default="digits", help="what to train")
+    p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS, help=f"comma-separated list from {','.join(OPTIMIZERS)}")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: per task)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="examples per step (default: per task; 0 = the whole training set)"
+    )
+    p.add_argument("--sub-batches", type=int, default=4, help="BADM sub-batches S per batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the data order")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<task>)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out directory")
+    p.add_argument("--subset", type=int, default=None, help="use at most N training and N test examples")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap the optimizer steps of an epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-optimizer lines")
+    g = p.add_argument_group("hyperparameters (default: per task, see badm_fast/tasks.py)")
+    g.add_argument("--sgd-lr", type=float)
+    g.add_argument("--sgd-momentum", type=float)
+    g.add_argument("--adam-lr", type=float)
+    g.add_argument("--adamw-lr", type=float)
+    g.add_argument("--adamw-weight-decay", type=float)
+    g.add_argument("--qhm-lr", type=float)
+    g.add_argument("--qhm-beta", type=float)
+    g.add_argument("--qhm-nu", type=float)
+    g.add_argument("--badm-rho", type=float, help="proximal coefficient rho >= 0 (about sigma*mu/(1-mu))")
+    g.add_argument("--badm-sigma", type=float, help="penalty sigma > 0 (about 1/learning rate)")
+    g.add_argument("--badm-backend", default="auto", help="BADM kernel back end (auto, cpp, torch, ...)")
+    g.add_argument(
+        "--badm-mode",
+        default="sub_batch",
+        choices=["sub_batch", "merged"],
+        help="sub_batch: a backward pass per sub-batch (the paper); merged: one backward pass, "
+        "one dual buffer (the same trajectory for equal sub-batch weights)",
+    )
+    return p
+
+
+def _resolve(args, parser, task_cls) -> dict:
+    """Fills per-task defaults into ``args``; returns optimizer -> hyperparameter dict."""
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if not names or unknown:
+        what = ", ".join(unknown) or "(empty list)"
+        parser.error(f"--optimizers: unknown {what}; choose from {','.join(OPTIMIZERS)}")
+    if len(set(names)) != len(names):
+        parser.error(f"--optimizers: {args.optimizers!r} names an optimizer twice")
+    args.optimizer_list = names
+    defaults = task_cls.defaults
+    if args.epochs is None:
+        args.epochs = defaults["epochs"]
+    if args.batch_size is None:
+        args.batch_size = defaults["batch_size"]
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.sub_batches < 1:
+        parser.error(f"--sub-batches must be >= 1, got {args.sub_batches}")
+    if args.batch_size < 0:
+        parser.error(f"--batch-size must be >= 0 (0 = whole training set), got {args.batch_size}")
+    if 0 < args.batch_size < args.sub_batches and "badm" in names:
+        parser.error(f"--batch-size {args.batch_size} is smaller than --sub-batches {args.sub_batches}")
+    if args.max_steps_per_epoch is not None and args.max_steps_per_epoch < 1:
+        parser.error(f"--max-steps-per-epoch must be >= 1, got {args.max_steps_per_epoch}")
+    if args.subset is not None and args.subset < 1:
+        parser.error(f"--subset must be >= 1, got {args.subset}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    hps = {n: {} for n in names}
+    for dest, (opt_name, key) in _HYPERPARAMETERS.items():
+        value = getattr(args, dest)
+        if value is None:
+            value = defaults[dest]
+            setattr(args, dest, value)
+        if opt_name in hps:
+            hps[opt_name][key] = value
+    if "badm" in hps:
+        if hps["badm"]["sigma"] <= 0:
+            parser.error(f"--badm-sigma must be > 0, got {hps['badm']['sigma']}")
+        if hps["badm"]["rho"] < 0:
+            parser.error(f"--badm-rho must be >= 0, got {hps['badm']['rho']}")
+    return hps
+
+
+def _check_out_dir(out: Path, overwrite: bool, parser) -> None:
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        parser.error(
+            f"output directory {out} already exists and is not empty; pass --overwrite to replace "
+            f"its files, or choose another directory with --out"
+        )
+
+
+def _format_table(results: dict) -> str:
+    metric = results["metric"]
+    arrow = "higher is better" if metric["higher_is_better"] else "lower is better"
+    head = f"| optimizer | final train loss | final {metric['name']} | best {metric['name']} | train time (s) |"
+    lines = [f"{results['config']['task']}: {metric['name']} ({arrow})", head, "|---|---:|---:|---:|---:|"]
+    for name, run in results["optimizers"].items():
+        lines.append(
+            f"| {name} | {run['final_train_loss']:.4f} | {run['final_metric']:.4f} | {run['best_metric']:.4f} "
+            f"| {run['time_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Entry point of ``badm-train`` and ``python -m badm_fast.train``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    task_cls = _tasks.TASKS[args.task]
+    hps = _resolve(args, parser, task_cls)
+    out = Path(args.out if args.out is not None else Path("runs") / args.task)
+    _check_out_dir(out, args.overwrite, parser)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: this torch build sees no CUDA device")
+    except RuntimeError as e:
+        parser.error(f"--device {args.device!r}: {e}")
+
+    try:
+        task = task_cls(seed=args.seed, subset=args.subset, device=device)
+    except _tasks.DatasetMissingError as e:
+        parser.error(str(e))
+    if "badm" in args.optimizer_list and args.batch_size == 0 and task.n_train < args.sub_batches:
+        parser.error(f"{task.n_train} training examples cannot fill {args.sub_batches} sub-batches")
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(args.seed)
+    init_state = copy.deepcopy(task.build_model().state_dict())
+    config = {k: v for k, v in vars(args).items() if k not in ("optimizer_list",)}
+    config.update(out=str(out), optimizers=list(args.optimizer_list))
+    results = dict(
+        config=config,
+        versions=_versions(),
+        data=task.describe(),
+        metric=dict(name=task.metric, higher_is_better=task.higher_is_better),
+        optimizers={},
+    )
+    show_progress = not args.quiet and sys.stderr.isatty()
+    samples = {}
+    for name in args.optimizer_list:
+        try:
+            record, model = run_optimizer(task, name, hps[name], args, init_state, show_progress)
+        except FloatingPointError as e:
+            print(f"badm-train: {name}: {e}", file=sys.stderr)
+            return 1
+        results["optimizers"][name] = record
+        if hasattr(task, "samples"):
+            model.eval()
+            samples[name] = task.samples(model)
+        if not args.quiet and not show_progress:
+            print(
+                f"{name}: train loss {record['final_train_loss']:.4f}, {task.metric} {record['final_metric']:.4f}, "
+                f"{record['time_s']:.1f} s",
+                file=sys.stderr,
+            )
+        with atomic_open(out / "results.json") as f:  # after every optimizer: a long run keeps its progress
+            json.dump(results, f, indent=2)
+
+    from badm_fast.plotting import plot_curves, plot_samples
+
+    with atomic_open(out / "curves.png", "wb") as f:
+        plot_curves(results, f)
+    if samples:
+        with atomic_open(out / "samples.png", "wb") as f:
+            plot_samples(samples, f, title=f"{args.task}: samples from the prior after {args.epochs} epochs")
+    print(_format_table(results))
+    print(f"wrote {out / 'results.json'}, {out / 'curves.png'}" + (f", {out / 'samples.png'}" if samples else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
