@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, distributed
 from .flat import SUPPORTED_DTYPES, FlatBuffer
 from .reference import compute_dtype
 
@@ -98,6 +98,12 @@ class BADM(Optimizer):
             step and counts it in :attr:`skipped_steps`; in both cases weights and duals are
             left exactly as they were. ``"ignore"`` does no check (one read of the gradients
             less per step).
+        process_group (ProcessGroup, optional): run distributed (default: None, one
+            process): every rank of the group holds the same weights and its own
+            ``sub_batches`` sub-batches; each step aggregates the sub-batches of all ranks with
+            one all-reduce per flat buffer, weights normalised over all ranks. The ranks must
+            start from identical weights and parameter layouts (checked here; RuntimeError on
+            every rank otherwise). See :mod:`badm_fast.distributed`.
 
     Mixed precision: ``torch.amp.GradScaler`` works (``scaler.step(opt)``); the gradients of
     every sub-batch are unscaled and checked, and a step with a non-finite gradient is skipped
@@ -121,6 +127,7 @@ class BADM(Optimizer):
         backend: str = "auto",
         mode: str = "sub_batch",
         on_nonfinite: str = "raise",
+        process_group: Any = None,
     ):
         if isinstance(sub_batches, bool) or not isinstance(sub_batches, int) or sub_batches < 1:
             raise ValueError(f"Invalid sub_batches: {sub_batches!r} (an int >= 1)")
@@ -131,6 +138,9 @@ class BADM(Optimizer):
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; choose one of {NONFINITE}")
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {('auto',) + backends.BACKENDS}")
+        if process_group is not None:
+            distributed.validate_process_group(process_group)
+        self.process_group = process_group
         self.sub_batches = sub_batches
         self.mode = mode
         self.on_nonfinite = on_nonfinite
@@ -147,6 +157,8 @@ class BADM(Optimizer):
         self._hook_handles: list[Any] = []
         self.residuals: dict[str, torch.Tensor] | None = None
         super().__init__(params, dict(rho=rho, sigma=sigma))
+        if process_group is not None:  # same layout and weights on every rank, or RuntimeError on all
+            distributed.check_replicas(self)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -354,7 +366,7 @@ class BADM(Optimizer):
             buf.check_binding()
             buf.adopt_assigned_grads()
             buf.prepare_rows()
-        if not self._gradients_ok():
+        if not (self._gradients_ok() if self.process_group is None else distributed.gradients_ok(self)):
             self.skipped_steps += 1
             return loss
         sums = None  # [primal^2, dual^2]
@@ -365,8 +377,11 @@ class BADM(Optimizer):
                     _, fn = self._kernels[buf.device.type]
                     w = self._weights_tensor(kernel_alpha, buf.device, compute_dtype(buf.dtype))
                     res = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals else None
-                    for a, b in buf.active_runs():
-                        fn(buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res)
+                    if self.process_group is not None:  # all ranks' sub-batches, one all-reduce
+                        distributed.buffer_step(self, buf, weights, rho, sigma, res)
+                    else:
+                        for a, b in buf.active_runs():
+                            fn(buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res)
                     if residuals:
                         part = res * res.new_tensor([1.0, sigma * sigma])
                         sums = part if sums is None else sums + part.to(sums.device)

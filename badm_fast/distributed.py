@@ -1,0 +1,514 @@
+r"""Distributed BADM: the sub-batches of one step live on different ranks of a process group.
+
+``badm_fast.BADM(params, sub_batches=S_r, process_group=pg)`` on every rank of ``pg``. Every
+rank holds the same global weights :math:`z` and its own ``S_r`` sub-batches: their gradient
+rows and their duals :math:`\pi_s`. ``step(weights=...)`` takes this rank's sub-batch weights
+(e.g. sizes); they are normalised over all ranks, :math:`\alpha_s = w_s / \sum_{\text{all
+ranks}} w`. The default weight of a sub-batch is 1, so by default every sub-batch of every
+rank weighs the same.
+
+One step (per flat buffer of :class:`badm_fast.flat.FlatBuffer`):
+
+1. the fused kernel runs over this rank's rows with a zeroed *payload* standing in for
+   :math:`z` and the *unnormalised* weights :math:`w_s`. The kernel is linear in the weights
+   and adds to its ``z`` argument, so it updates this rank's duals in place and leaves
+   :math:`\delta_r = \sum_{s \in r} w_s\,[-2 g_s c + (\rho - \sigma)\pi_s c / \sigma]` in the
+   payload (``c = 1/(\rho+\sigma)``);
+2. the payload also carries, after the ``P`` columns, this rank's weight sum :math:`W_r`, its
+   share of the primal residual, and per parameter whether this rank gave it a gradient;
+3. one ``all_reduce(SUM)`` of the payload over the group (gloo on CPU, NCCL on GPU);
+4. :math:`z \leftarrow z + \delta / W` with :math:`\delta = \sum_r \delta_r` and
+   :math:`W = \sum_r W_r` read from the reduced payload on the device (no host sync).
+
+This is the single-process step over the concatenation of all ranks' sub-batches, up to the
+order of the floating-point sums; the bytes reduced per step equal one gradient all-reduce of
+DDP in the compute dtype.
+
+Design decisions:
+
+- **Compute dtype on the wire.** The payload has the compute dtype (fp32, fp64 for fp64
+  parameters). For bf16/fp16 parameters the gradient rows are converted to fp32 once per step
+  (a temporary ``(S_r, P)`` fp32 tensor) so that the same fused kernel runs on fp32 operands;
+  the sum over ranks and the division by :math:`W` happen in fp32 and :math:`z` is rounded to
+  its storage dtype once, exactly like the single-process step. A payload in bf16 would round
+  :math:`\delta_r`, then every partial sum of the reduction, then :math:`z`.
+- **One all-reduce per flat buffer, not bucketed.** The payload is one contiguous tensor that
+  exists anyway; NCCL and gloo already split a large message into pipelined chunks, and the
+  reduction can only start after the kernel (everything happens after all backward passes),
+  so cutting it ourselves would add per-call latency without overlapping anything. The extra
+  memory is one ``(P,)`` tensor in the compute dtype per buffer, kept between steps.
+- **Agreed skipping.** With ``on_nonfinite="raise"``/``"skip"`` (or under ``GradScaler``) each
+  rank checks its own rows first, then a tiny all-reduce of one flag per rank makes every rank
+  skip (or raise) together; a refused step changes nothing on any rank. With
+  ``on_nonfinite="ignore"`` and no scaler there is no such collective.
+- **Parameters without a gradient** follow the single-process rule over all ranks' sub-batches:
+  a parameter that got a gradient on some rank steps on every rank (zero gradient in the rows
+  that got none); one that got no gradient on any rank keeps its weights and duals. A rank on
+  which some parameter got no gradient reads the per-parameter flags of the reduced payload
+  (a host sync, only on that rank and only in that step) and undoes the dual update of a
+  parameter that no rank touched.
+- **Same weights on every rank.** The optimizer's construction compares, with two
+  ``all_gather`` calls of a few integers, the parameter layout (param groups, flat buffers,
+  sizes, shapes, dtypes) and an exact checksum of every parameter's bits (a plain and a
+  position-weighted integer sum of the bit patterns, independent of reduction order) across
+  ranks. Every rank takes part in the collectives and then raises the same ``RuntimeError``,
+  naming the buffer or parameter and the ranks that differ, so no rank is left waiting.
+  ``sub_batches``, ``mode`` and per-group ``rho``/``sigma`` may differ between ranks.
+
+Validation errors raised before any collective (a wrong number of weights, all-zero weights
+on a rank, an index out of range) are raised on that rank only; ``torchrun`` then stops the
+job. Checkpoints: every rank's duals are its own; :func:`gather_state_dict` collects all of
+them on one rank in a single checkpoint and :func:`scatter_state_dict` hands each rank its
+part back.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .reference import compute_dtype
+
+__all__ = [
+    "check_replicas",
+    "gather_state_dict",
+    "scatter_state_dict",
+    "CHECKPOINT_FORMAT",
+]
+
+# Name and version of the checkpoint dict written by gather_state_dict.
+CHECKPOINT_FORMAT = ("badm_fast.distributed", 1)
+
+# Payload tail after the P delta columns: [W_r, primal residual share, 14 zeros], then two
+# sections of one element per parameter: "got a gradient on this rank" and that parameter's
+# primal residual share when it got none; padded to a multiple of 16 elements.
+_TAIL = 16
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_BITS = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+_NONFINITE_CODES = {"raise": 0, "skip": 1, "ignore": 2}
+_CHUNK = 1 << 22  # elements per chunk of the weighted checksum (an int64 temporary of 32 MiB)
+
+
+# --------------------------------------------------------------------------------- helpers
+def validate_process_group(process_group: Any) -> None:
+    """Raise ValueError unless ``process_group`` is a usable process group this rank is in."""
+    if not dist.is_available():
+        raise ValueError("process_group was given but this torch has no torch.distributed support")
+    if not dist.is_initialized():
+        raise ValueError(
+            "process_group was given but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group(...) first"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ValueError(
+            "process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD "
+            f"or torch.distributed.new_group(...)), got {type(process_group).__name__}"
+        )
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("this process is not a member of process_group")
+
+
+def _comm_device(pg: Any) -> torch.device:
+    """Where the small control tensors of the collectives live: CUDA for a NCCL-only group."""
+    backend = str(dist.get_backend(pg)).lower()
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Replica:
+    """Per-optimizer distributed state: the group, this rank, the reduction payloads."""
+
+    def __init__(self, opt: Any):
+        pg = opt.process_group
+        self.group = pg
+        self.rank = dist.get_rank(pg)
+        self.world = dist.get_world_size(pg)
+        self.device = _comm_device(pg)
+        self.checked_groups = -1  # number of param groups whose layout was checked
+        self.payloads: dict[int, torch.Tensor] = {}
+        self.weights: dict[tuple, torch.Tensor] = {}
+
+    def payload(self, buf: Any) -> torch.Tensor:
+        t = self.payloads.get(id(buf))
+        if t is None:
+            n = len(buf.params)
+            size = buf.size + _TAIL + -(-2 * n // _TAIL) * _TAIL
+            t = torch.zeros(size, dtype=compute_dtype(buf.dtype), device=buf.device)
+            self.payloads[id(buf)] = t
+        return t
+
+    def weights_tensor(self, w: list[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (tuple(w), device, dtype)
+        t = self.weights.get(key)
+        if t is None:
+            if len(self.weights) > 64:
+                self.weights.clear()
+            t = self.weights[key] = torch.tensor(w, dtype=dtype, device=device)
+        return t
+
+
+def _replica(opt: Any) -> _Replica:
+    rep = getattr(opt, "_badm_replica", None)
+    if rep is None or rep.group is not opt.process_group:
+        rep = _Replica(opt)
+        opt._badm_replica = rep
+    return rep
+
+
+def _all_gather(t: torch.Tensor, rep: _Replica) -> torch.Tensor:
+    """``(world, *t.shape)`` on the CPU: ``t`` of every rank of the group."""
+    t = t.to(rep.device)
+    out = [torch.empty_like(t) for _ in range(rep.world)]
+    dist.all_gather(out, t, group=rep.group)
+    return torch.stack(out).cpu()
+
+
+def _raw_weights(weights: Any, sub_batches: int) -> list[float]:
+    """This rank's sub-batch weights, not normalised (the optimizer validated them already)."""
+    if weights is None:
+        return [1.0] * sub_batches
+    if isinstance(weights, torch.Tensor):
+        return weights.detach().cpu().double().tolist()
+    return [float(x) for x in weights]
+
+
+def _ranks(mask: torch.Tensor) -> list[int]:
+    return [int(r) for r in torch.nonzero(mask).flatten()]
+
+
+# ------------------------------------------------------------------------- construction
+def _checksums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two exact integer checksums of ``t``'s bits: their sum and a position-weighted sum.
+
+    Integer sums wrap modulo 2**64 whatever the reduction order, so equal tensors give equal
+    checksums on every rank, whatever its thread count or device.
+    """
+    bits = t.detach().reshape(-1).view(_BITS[t.dtype])
+    plain = bits.sum(dtype=torch.int64)
+    weighted = torch.zeros((), dtype=torch.int64, device=t.device)
+    for start in range(0, bits.numel(), _CHUNK):
+        chunk = bits[start : start + _CHUNK].to(torch.int64)
+        pos = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=t.device) % 65521 + 1
+        weighted += (chunk * pos).sum()
+    return plain, weighted
+
+
+def _layout(opt: Any) -> tuple[list[tuple[int, int, Any]], torch.Tensor, torch.Tensor, list[list[str]]]:
+    """(buffers, header, per-buffer layout rows, per-buffer parameter names) of this rank."""
+    bufs = [(g, j, buf) for g, group_bufs in enumerate(opt._buffers) for j, buf in enumerate(group_bufs)]
+    header = torch.tensor(
+        [len(opt.param_groups), len(bufs), sum(b.size for _, _, b in bufs), _NONFINITE_CODES[opt.on_nonfinite]],
+        dtype=torch.int64,
+    )
+    rows, names = [], []
+    for g, j, buf in bufs:
+        index = {id(p): k for k, p in enumerate(opt.param_groups[g]["params"])}
+        shapes = repr([tuple(p.shape) for p in buf.params]).encode()
+        rows.append([g, j, buf.size, _DTYPE_CODES[buf.dtype], len(buf.params), zlib.crc32(shapes)])
+        names.append([f"parameter {index[id(p)]} of param group {g} (shape {tuple(p.shape)})" for p in buf.params])
+    return bufs, header, torch.tensor(rows, dtype=torch.int64).reshape(len(bufs), 6), names
+
+
+def check_replicas(opt: Any) -> None:
+    """Check that every rank of ``opt.process_group`` holds the same parameter layout and the
+    same weights; raise RuntimeError on every rank otherwise.
+
+    Called by :class:`badm_fast.BADM` at construction (and at the next step after
+    ``add_param_group``); call it yourself to verify that the replicas still agree, e.g.
+    after loading a checkpoint. Two ``all_gather`` calls of a few integers per parameter.
+    """
+    rep = _replica(opt)
+    bufs, header, rows, names = _layout(opt)
+    headers = _all_gather(header, rep)
+    bad = _ranks((headers != headers[0]).any(dim=1))
+    if bad:
+        nf = {v: k for k, v in _NONFINITE_CODES.items()}
+
+        def describe(h: torch.Tensor) -> str:
+            g, b, n, f = (int(x) for x in h)
+            return f"{g} param groups, {b} flat buffers, {n} elements, on_nonfinite={nf.get(f, f)!r}"
+
+        raise RuntimeError(
+            f"BADM(process_group=...): the ranks disagree on the parameter layout: rank 0 has {describe(headers[0])}; "
+            + "; ".join(f"rank {r} has {describe(headers[r])}" for r in bad)
+            + " (build the model and the optimizer identically on every rank; only sub_batches may differ)"
+        )
+    sums = []
+    for _, _, buf in bufs:
+        for i in range(len(buf.params)):
+            sums.extend(_checksums(buf.param_view(i)))
+    local = torch.cat([rows.flatten(), torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.int64)])
+    every = _all_gather(local, rep)
+    n_layout = rows.numel()
+    layouts = every[:, :n_layout].reshape(rep.world, len(bufs), 6)
+    dtypes = {v: k for k, v in _DTYPE_CODES.items()}
+    for k, (g, j, buf) in enumerate(bufs):
+        bad = _ranks((layouts[:, k] != layouts[0, k]).any(dim=1))
+        if bad:
+
+            def describe(row: torch.Tensor) -> str:
+                n_params, size, code = int(row[4]), int(row[2]), int(row[3])
+                return f"{n_params} parameters, {size} elements, {dtypes.get(code, code)}"
+
+            raise RuntimeError(
+                f"BADM(process_group=...): the ranks disagree on the parameter layout of param group {g} "
+                f"(flat buffer {j}): rank 0 has {describe(layouts[0, k])}"
+                + "".join(f"; rank {r} has {describe(layouts[r, k])}" for r in bad)
+                + (
+                    " (same sizes, different shapes)"
+                    if all(torch.equal(layouts[r, k, :5], layouts[0, k, :5]) for r in bad)
+                    else ""
+                )
+                + "; build the model and the optimizer identically on every rank"
+            )
+    checks = every[:, n_layout:].reshape(rep.world, -1, 2)
+    flat_names = [name for per_buf in names for name in per_buf]
+    for i, name in enumerate(flat_names):
+        bad = _ranks((checks[:, i] != checks[0, i]).any(dim=1))
+        if bad:
+            raise RuntimeError(
+                f"BADM(process_group=...): the initial weights differ across ranks: {name} on rank(s) {bad} "
+                "differs from rank 0. Start every rank from the same weights (the same seed, or load rank 0's "
+                "state_dict into the model) before creating the optimizer"
+            )
+    rep.checked_groups = len(opt.param_groups)
+
+
+# ----------------------------------------------------------------------------------- step
+def gradients_ok(opt: Any) -> bool:
+    """The distributed counterpart of ``BADM._gradients_ok``: every rank checks (and, under
+    GradScaler, unscales) its own rows, then the ranks agree. Returns False when every rank
+    must skip the step; raises on every rank when one of them raised."""
+    rep = _replica(opt)
+    if rep.checked_groups != len(opt.param_groups):  # add_param_group since the last check
+        check_replicas(opt)
+    if opt.on_nonfinite == "ignore" and getattr(opt, "found_inf", None) is None:
+        return True
+    error = None
+    try:
+        ok = opt._gradients_ok()
+    except RuntimeError as exc:
+        ok, error = False, exc
+    flags = torch.zeros(rep.world, dtype=torch.int32)
+    flags[rep.rank] = 0 if ok else (2 if error is not None else 1)
+    flags = flags.to(rep.device)
+    dist.all_reduce(flags, group=rep.group)
+    flags = flags.cpu()
+    if error is not None:
+        raise RuntimeError(f"rank {rep.rank}: {error} (the step was refused on every rank)") from error
+    raised = _ranks(flags == 2)
+    if raised:
+        raise RuntimeError(
+            f"rank(s) {raised} refused the step (a non-finite gradient or an invalid gradient state; their "
+            "errors name it); the step was refused on every rank and weights and duals are unchanged"
+        )
+    return not bool((flags != 0).any())
+
+
+@torch.no_grad()
+def buffer_step(opt: Any, buf: Any, weights: Any, rho: float, sigma: float, residuals: torch.Tensor | None) -> None:
+    """The distributed fused step of one flat buffer: this rank's rows through the kernel into
+    the payload, one all-reduce, then ``z += delta / W``. ``residuals`` (optional, float64
+    ``(2,)``) gets the global ``[sum_s alpha_s ||w_s' - z||^2, ||z' - z||^2]`` of this buffer
+    added, like the kernel contract's residuals."""
+    rep = _replica(opt)
+    raw = _raw_weights(weights, opt.sub_batches)
+    local_w = [sum(raw)] if opt.mode == "merged" else raw
+    cdt = compute_dtype(buf.dtype)
+    P, n = buf.size, len(buf.params)
+    payload = rep.payload(buf)
+    payload.zero_()
+    delta = payload[:P]
+    used = payload[P + _TAIL : P + _TAIL + n]  # 1 where this rank gave the parameter a gradient
+    unused_res = payload[P + _TAIL + n : P + _TAIL + 2 * n]
+    w = rep.weights_tensor(local_w, buf.device, cdt)
+    _, fn = opt._kernels[buf.device.type]
+    grads = buf.grads if buf.dtype == cdt else buf.grads.to(cdt)
+    touched = [any(buf.touched[r][i] for r in range(buf.rows)) for i in range(n)]
+    res = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals is not None else None
+    saved = []
+    if all(touched):
+        fn(delta, grads, buf.duals, w, rho, sigma, res)
+        used.fill_(1.0)
+    else:
+        for a, b in buf.active_runs():
+            fn(delta[a:b], grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res)
+        for i in (i for i in range(n) if not touched[i]):
+            # Zero gradient in every local row; undone below if no rank touched the parameter.
+            a, b = buf.offsets[i], buf.offsets[i + 1] if i + 1 < n else P
+            saved.append((i, a, b, buf.duals[:, a:b].clone()))
+            res_i = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals is not None else None
+            fn(delta[a:b], grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res_i)
+            if res_i is not None:
+                unused_res[i] = res_i[0]
+        used.copy_(torch.tensor(touched, dtype=cdt))
+    payload[P] = sum(local_w)
+    if res is not None:
+        payload[P + 1] = res[0]
+    dist.all_reduce(payload, group=rep.group)
+    inv_w = payload[P : P + 1].reciprocal()
+    if saved:
+        users = used.cpu()
+        for i, a, b, duals in saved:
+            if users[i] == 0:  # no rank gave it a gradient: weights and duals stay
+                buf.duals[:, a:b].copy_(duals)
+                delta[a:b].zero_()
+    if residuals is not None:
+        iw = inv_w.double()
+        primal = (payload[P + 1] + (unused_res * (used > 0)).sum()).double() * iw
+        dual = torch.linalg.vector_norm(delta, dtype=torch.float64).square() * iw.square()
+        residuals += torch.cat([primal.reshape(1), dual.reshape(1)])
+    if buf.dtype == cdt:
+        buf.z.addcmul_(delta, inv_w)
+    else:  # one rounding to the storage dtype, as in the single-process kernel
+        buf.z.copy_(delta.mul_(inv_w).add_(buf.z))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _serialize(obj: Any) -> torch.Tensor:
+    stream = io.BytesIO()
+    torch.save(obj, stream)
+    return torch.frombuffer(bytearray(stream.getvalue()), dtype=torch.uint8)
+
+
+def _deserialize(data: torch.Tensor) -> Any:
+    return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), weights_only=True)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _send(obj: Any, dst: int, rep: _Replica) -> None:
+    data = _serialize(obj)
+    peer = dist.get_global_rank(rep.group, dst)
+    dist.send(torch.tensor([data.numel()], dtype=torch.int64).to(rep.device), peer, group=rep.group)
+    dist.send(data.to(rep.device), peer, group=rep.group)
+
+
+def _recv(src: int, rep: _Replica) -> Any:
+    peer = dist.get_global_rank(rep.group, src)
+    size = torch.zeros(1, dtype=torch.int64, device=rep.device)
+    dist.recv(size, peer, group=rep.group)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=rep.device)
+    dist.recv(data, peer, group=rep.group)
+    return _deserialize(data)
+
+
+def _require_group(opt: Any) -> _Replica:
+    if getattr(opt, "process_group", None) is None:
+        raise ValueError("this optimizer has no process_group; use opt.state_dict() / opt.load_state_dict()")
+    return _replica(opt)
+
+
+def gather_state_dict(opt: Any, dst: int = 0) -> dict[str, Any] | None:
+    """Collect every rank's optimizer state on rank ``dst`` (a collective: call it on every
+    rank of the optimizer's process group).
+
+    Returns, on rank ``dst``, one checkpoint dict ``{"format": ..., "version": ..., "world_size":
+    N, "ranks": [state_dict of rank 0, ..., of rank N-1]}`` whose tensors are on the CPU (save
+    it with ``torch.save``; it loads with ``torch.load(weights_only=True)``); ``None`` on the
+    other ranks. Each entry is that rank's :meth:`BADM.state_dict`: its own duals and sub-batch
+    count. Together with the model's ``state_dict`` of any rank (the weights are the same on
+    every rank) it resumes the distributed run exactly, see :func:`scatter_state_dict`.
+    """
+    rep = _require_group(opt)
+    if not 0 <= dst < rep.world:
+        raise ValueError(f"dst={dst} is not a rank of the process group (size {rep.world})")
+    mine = _to_cpu(opt.state_dict())
+    if rep.rank != dst:
+        _send(mine, dst, rep)
+        return None
+    ranks: list[Any] = [None] * rep.world
+    ranks[dst] = mine
+    for r in range(rep.world):
+        if r != dst:
+            ranks[r] = _recv(r, rep)
+    return {"format": CHECKPOINT_FORMAT[0], "version": CHECKPOINT_FORMAT[1], "world_size": rep.world, "ranks": ranks}
+
+
+def scatter_state_dict(opt: Any, checkpoint: dict[str, Any] | None, src: int = 0) -> None:
+    """Load a checkpoint of :func:`gather_state_dict` into the optimizer of every rank (a
+    collective: call it on every rank; ``checkpoint`` is used on rank ``src`` only, the other
+    ranks may pass ``None``). Rank ``r`` loads entry ``r``.
+
+    Raises on every rank, and leaves every rank's optimizer as it was, when the checkpoint is
+    not one of :func:`gather_state_dict`, was saved by a group of another size, or does not
+    fit some rank's optimizer (that rank's error names the mismatch). Load the model's weights
+    on every rank separately (``model.load_state_dict``). When every rank can read the
+    checkpoint file, ``opt.load_state_dict(checkpoint["ranks"][rank])`` on each rank does the
+    same without communication.
+    """
+    rep = _require_group(opt)
+    if not 0 <= src < rep.world:
+        raise ValueError(f"src={src} is not a rank of the process group (size {rep.world})")
+    status = torch.zeros(1, dtype=torch.int64)
+    problem = None
+    if rep.rank == src:
+        ok = (
+            isinstance(checkpoint, dict)
+            and checkpoint.get("format") == CHECKPOINT_FORMAT[0]
+            and isinstance(checkpoint.get("ranks"), list)
+        )
+        if not ok:
+            problem = "not a checkpoint of badm_fast.distributed.gather_state_dict"
+            status[0] = -1
+        elif checkpoint.get("version") != CHECKPOINT_FORMAT[1]:
+            problem = f"unsupported checkpoint version {checkpoint.get('version')!r}"
+            status[0] = -1
+        else:
+            status[0] = len(checkpoint["ranks"])
+    status = status.to(rep.device)
+    dist.broadcast(status, dist.get_global_rank(rep.group, src), group=rep.group)
+    n = int(status.cpu()[0])
+    if n < 0:
+        raise ValueError(f"scatter_state_dict: rank {src} got {problem or 'an invalid checkpoint'}")
+    if n != rep.world:
+        raise ValueError(
+            f"scatter_state_dict: the checkpoint holds the optimizer states of {n} ranks, this process group has "
+            f"{rep.world}"
+        )
+    if rep.rank == src:
+        for r in range(rep.world):
+            if r != src:
+                _send(checkpoint["ranks"][r], r, rep)
+        mine = checkpoint["ranks"][src]
+    else:
+        mine = _recv(src, rep)
+    before = opt.state_dict()
+    error = None
+    try:
+        opt.load_state_dict(mine)
+    except Exception as exc:  # reported on every rank below
+        error = exc
+    flags = torch.zeros(rep.world, dtype=torch.int32)
+    flags[rep.rank] = int(error is not None)
+    flags = flags.to(rep.device)
+    dist.all_reduce(flags, group=rep.group)
+    failed = _ranks(flags.cpu())
+    if error is not None:
+        raise ValueError(f"scatter_state_dict: rank {rep.rank} could not load its state: {error}") from error
+    if failed:
+        opt.load_state_dict(before)
+        raise ValueError(
+            f"scatter_state_dict: rank(s) {failed} could not load their state (their errors say why); "
+            "every rank's optimizer was left as it was"
+        )
