@@ -44,8 +44,10 @@ def plot_curves(results: dict, out: BinaryIO) -> None:
         value = [e["test_metric"] for e in run["epochs"]]
         # the metric of the shared initial weights, at epoch 0 / second 0
         m_epochs, m_seconds, m_value = [0, *epochs], [0.0, *seconds], [run["initial_metric"], *value]
-        log_loss = log_loss and min(loss) > 0 and max(loss) / min(loss) > 30  # log axis only for a wide range
-        style = dict(marker="o" if len(epochs) <= 30 else None, markersize=3, linewidth=1.5, label=name)
+        if loss:
+            log_loss = log_loss and min(loss) > 0 and max(loss) / min(loss) > 30  # log axis only for a wide range
+        label_name = f"{name} (diverged)" if run.get("diverged") else name
+        style = dict(marker="o" if len(epochs) <= 30 else None, markersize=3, linewidth=1.5, label=label_name)
         axes[0, 0].plot(epochs, loss, **style)
         axes[0, 1].plot(m_epochs, m_value, **style)
         axes[1, 0].plot(seconds, loss, **style)

@@ -188,7 +188,7 @@ class DigitsTask(_ClassificationTask):
 
     name = "digits"
     # rho/sigma: bench/sweep_badm.md (digits, 15 epochs): best final test accuracy.
-    defaults = dict(_COMMON_DEFAULTS, epochs=20, batch_size=32)
+    defaults = dict(_COMMON_DEFAULTS, epochs=30, batch_size=32)
 
     def load(self):
         from sklearn.datasets import load_digits
@@ -200,7 +200,7 @@ class DigitsTask(_ClassificationTask):
         return x[tr], y[tr], x[te], y[te]
 
     def build_model(self):
-        return SmallCNN(side=8, channels=(16, 32), hidden=64)
+        return SmallCNN(side=8, channels=(32, 64), hidden=128)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

@@ -119,8 +119,15 @@ def make_optimizer(
     if name == "badm":
         from badm_fast import BADM
 
+        # a divergent run is reported by the loss check of train_epoch, the same way for every optimizer
         return BADM(
-            params, sub_batches=sub_batches, rho=hp["rho"], sigma=hp["sigma"], backend=badm_backend, mode=badm_mode
+            params,
+            sub_batches=sub_batches,
+            rho=hp["rho"],
+            sigma=hp["sigma"],
+            backend=badm_backend,
+            mode=badm_mode,
+            on_nonfinite="ignore",
         )
     if name == "sgd":
         return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"])
@@ -222,7 +229,11 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
             data = ((task.train_inputs[b.to(task.device)], task.train_targets[b.to(task.device)]) for b in batches)
             _sync(task.device)
             t0 = time.perf_counter()
-            loss = train_epoch(model, opt, task.loss_fn, data, progress=bar)
+            try:
+                loss = train_epoch(model, opt, task.loss_fn, data, progress=bar)
+            except FloatingPointError as e:  # a result, not a crash: record it and go on with the next optimizer
+                record.update(diverged=True, diverged_at_epoch=epoch, error=str(e))
+                break
             _sync(task.device)
             elapsed += time.perf_counter() - t0
             model.eval()
@@ -231,10 +242,11 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
             record["epochs"].append(dict(epoch=epoch, train_loss=loss, test_metric=value, time_s=elapsed))
             bar.set_postfix(loss=f"{loss:.4f}", **{task.metric: f"{value:.4f}"})
     values = [e["test_metric"] for e in record["epochs"]]
-    best = max(values) if task.higher_is_better else min(values)
+    best = (max(values) if task.higher_is_better else min(values)) if values else None
+    record.setdefault("diverged", False)
     record.update(
-        final_train_loss=record["epochs"][-1]["train_loss"],
-        final_metric=values[-1],
+        final_train_loss=record["epochs"][-1]["train_loss"] if values else None,
+        final_metric=values[-1] if values else None,
         best_metric=best,
         time_s=elapsed,
         steps=total_steps,
@@ -354,10 +366,14 @@ def _format_table(results: dict) -> str:
     arrow = "higher is better" if metric["higher_is_better"] else "lower is better"
     head = f"| optimizer | final train loss | final {metric['name']} | best {metric['name']} | train time (s) |"
     lines = [f"{results['config']['task']}: {metric['name']} ({arrow})", head, "|---|---:|---:|---:|---:|"]
+
+    def num(x):
+        return "-" if x is None else f"{x:.4f}"
+
     for name, run in results["optimizers"].items():
+        loss = f"diverged in epoch {run['diverged_at_epoch']}" if run["diverged"] else num(run["final_train_loss"])
         lines.append(
-            f"| {name} | {run['final_train_loss']:.4f} | {run['final_metric']:.4f} | {run['best_metric']:.4f} "
-            f"| {run['time_s']:.1f} |"
+            f"| {name} | {loss} | {num(run['final_metric'])} | {num(run['best_metric'])} | {run['time_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -401,16 +417,17 @@ def main(argv=None) -> int:
     show_progress = not args.quiet and sys.stderr.isatty()
     samples = {}
     for name in args.optimizer_list:
-        try:
-            record, model = run_optimizer(task, name, hps[name], args, init_state, show_progress)
-        except FloatingPointError as e:
-            print(f"badm-train: {name}: {e}", file=sys.stderr)
-            return 1
+        record, model = run_optimizer(task, name, hps[name], args, init_state, show_progress)
         results["optimizers"][name] = record
-        if hasattr(task, "samples"):
+        if record["diverged"]:
+            print(
+                f"badm-train: {name} diverged in epoch {record['diverged_at_epoch']}: {record['error']}",
+                file=sys.stderr,
+            )
+        elif hasattr(task, "samples"):
             model.eval()
             samples[name] = task.samples(model)
-        if not args.quiet and not show_progress:
+        if not args.quiet and not show_progress and not record["diverged"]:
             print(
                 f"{name}: train loss {record['final_train_loss']:.4f}, {task.metric} {record['final_metric']:.4f}, "
                 f"{record['time_s']:.1f} s",

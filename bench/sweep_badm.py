@@ -33,7 +33,7 @@ from badm_fast import train
 # task -> (extra badm-train arguments, sigmas, momenta, seeds); budgets sized so that the
 # whole default sweep takes about 10 minutes on 2 CPU cores.
 SWEEPS = {
-    "digits": ([], [1, 2, 5, 10, 20], [0.0, 0.5, 0.9], [0, 1]),
+    "digits": (["--epochs", "15"], [1, 2, 5, 10], [0.0, 0.5, 0.9], [0, 1]),
     "fashion-mnist": (["--subset", "6000", "--epochs", "2"], [1, 2, 5, 10], [0.5, 0.9], [0]),
     "graph": ([], [0.5, 1, 2, 5, 10], [0.0, 0.5, 0.9], [0, 1, 2]),
     "generate": (["--epochs", "10"], [2, 5, 10, 20], [0.0, 0.5, 0.9], [0]),
@@ -59,11 +59,15 @@ def run_cell(task: str, extra: list[str], sigma: float, mu: float, seed: int, th
                 code = train.main(argv)
         except SystemExit as e:  # a refused configuration
             code = e.code
+        except (RuntimeError, FloatingPointError):  # a divergent one
+            code = 1
         if code != 0:
             return dict(ok=False, wall_s=time.perf_counter() - t0)
         with open(Path(out) / "results.json") as f:
             res = json.load(f)
     run = res["optimizers"]["badm"]
+    if run["diverged"]:
+        return dict(ok=False, wall_s=time.perf_counter() - t0)
     return dict(
         ok=True,
         metric=run["final_metric"],

@@ -53,6 +53,7 @@ def test_smoke_every_task(task, tmp_path, capsys):
     assert len(initial) == 1, "every optimizer must start from the same weights"
     for name, run in res["optimizers"].items():
         assert set(run) >= {"hyperparameters", "epochs", "final_train_loss", "final_metric", "best_metric", "time_s"}
+        assert run["diverged"] is False
         assert [e["epoch"] for e in run["epochs"]] == list(range(1, epochs + 1))
         for e in run["epochs"]:
             assert set(e) == {"epoch", "train_loss", "test_metric", "time_s"}
@@ -88,6 +89,21 @@ def test_same_weights_and_data_order_badm_tracks_its_qhm(tmp_path):
     b, q = res["optimizers"]["badm"]["epochs"], res["optimizers"]["qhm"]["epochs"]
     for eb, eq in zip(b, q):
         assert eb["train_loss"] == pytest.approx(eq["train_loss"], rel=1e-4)
+
+
+def test_a_divergent_optimizer_is_recorded_and_the_others_run(tmp_path, capsys):
+    out, res = run_job(
+        tmp_path, "--task", "digits", "--optimizers", "sgd,badm", "--subset", "128", "--batch-size", "32",
+        "--epochs", "2", "--sgd-lr", "1e4",
+    )  # fmt: skip
+    sgd, badm = res["optimizers"]["sgd"], res["optimizers"]["badm"]
+    assert sgd["diverged"] and sgd["diverged_at_epoch"] == 1 and sgd["final_metric"] is None
+    assert "lower the learning rate" in sgd["error"]
+    assert not badm["diverged"] and len(badm["epochs"]) == 2
+    captured = capsys.readouterr()
+    assert "sgd diverged in epoch 1" in captured.err
+    assert "| sgd | diverged in epoch 1 |" in captured.out
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_existing_out_dir_is_refused(tmp_path, capsys):
