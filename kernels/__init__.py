@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["badm_step", "require_triton", "triton_available", "triton_unavailable_reason", "TRITON_AVAILABLE"]
+__all__ = [
+    "badm_step",
+    "badm_nonfinite_check",
+    "require_triton",
+    "triton_available",
+    "triton_unavailable_reason",
+    "TRITON_AVAILABLE",
+]
 
 _UNAVAILABLE: list[str | None] = []  # cached reason (None when triton imports)
 
@@ -43,7 +50,20 @@ def require_triton() -> None:
         raise ImportError(f"the Triton back end of badm_fast is unavailable: {reason}")
 
 
-def badm_step(z, grads, duals, weights, rho, sigma, residuals=None, *, block_size=None, num_warps=None):
+def badm_step(
+    z,
+    grads,
+    duals,
+    weights,
+    rho,
+    sigma,
+    residuals=None,
+    *,
+    found_inf=None,
+    inv_scale=None,
+    block_size=None,
+    num_warps=None,
+):
     """One fused BADM step by the Triton kernel; see :func:`badm_fast.kernels.badm_triton.badm_step`.
 
     Raises:
@@ -52,7 +72,32 @@ def badm_step(z, grads, duals, weights, rho, sigma, residuals=None, *, block_siz
     require_triton()
     from .badm_triton import badm_step as _badm_step
 
-    return _badm_step(z, grads, duals, weights, rho, sigma, residuals, block_size=block_size, num_warps=num_warps)
+    return _badm_step(
+        z,
+        grads,
+        duals,
+        weights,
+        rho,
+        sigma,
+        residuals,
+        found_inf=found_inf,
+        inv_scale=inv_scale,
+        block_size=block_size,
+        num_warps=num_warps,
+    )
+
+
+def badm_nonfinite_check(grads, found_inf, *, block_size=None):
+    """Raise the flag ``found_inf`` (set it to 1) when ``grads`` holds a NaN or an infinity; see
+    :func:`badm_fast.kernels.badm_triton.badm_nonfinite_check`.
+
+    Raises:
+        ImportError: triton cannot be imported (the message says why).
+    """
+    require_triton()
+    from .badm_triton import badm_nonfinite_check as _check
+
+    return _check(grads, found_inf, block_size=block_size)
 
 
 def __getattr__(name):

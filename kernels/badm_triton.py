@@ -15,6 +15,14 @@ Hyperparameters and weights are runtime values: ``rho``/``sigma`` arrive as scal
 one-element device tensors (the capture-safe form) and ``alpha_s`` is read from the
 weights tensor, so changing any of them never recompiles. Offsets are 64-bit.
 
+Mixed precision and skipped steps without a host synchronisation: with ``found_inf`` and
+``inv_scale`` (one-element fp32 device tensors, e.g. from ``torch.amp.GradScaler``) every
+program first reads the flag and returns without touching anything when it is non-zero, and
+otherwise multiplies every gradient by ``inv_scale`` in the same pass (the unscale costs no
+extra traffic). :func:`badm_nonfinite_check` is the read-only scan that raises the flag when
+any gradient row holds a NaN or an infinity; it runs over every buffer before the first step
+kernel so that a step is skipped as a whole.
+
 This module imports triton at import time; :mod:`badm_fast.kernels` imports it lazily so that
 ``import badm_fast`` works without triton. On CPU tensors the kernel runs only under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
@@ -26,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["badm_step", "INTERPRETED", "default_launch_config"]
+__all__ = ["badm_step", "badm_nonfinite_check", "INTERPRETED", "default_launch_config"]
 
 # Launch configuration of a memory-bound streaming kernel on Hopper-class GPUs: 8 elements
 # per thread per row for 4-byte arithmetic (two 16-byte fp32 vector accesses per row), 4 for
@@ -68,6 +76,8 @@ def _badm_step_kernel(
     res_ptr,
     rho_ptr,
     sigma_ptr,
+    found_ptr,
+    inv_scale_ptr,
     rho_hi,
     rho_lo,
     sigma_hi,
@@ -79,11 +89,18 @@ def _badm_step_kernel(
     RHO_FROM_PTR: tl.constexpr,
     SIGMA_FROM_PTR: tl.constexpr,
     HAS_RESIDUALS: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
     CONTIGUITY: tl.constexpr,
 ):
     # Arithmetic dtype = dual dtype (fp64 for fp64 storage, else fp32).
     cdt = d_ptr.dtype.element_ty
+    if HAS_FOUND_INF:
+        # A skipped step (non-finite gradient somewhere, or GradScaler's found_inf): every
+        # program returns before reading or writing anything.
+        if tl.load(found_ptr) != 0.0:
+            return
     # rho and sigma in fp64: from the device tensors, or rebuilt from their fp32 (hi, lo) split.
     if RHO_FROM_PTR:
         rho = tl.load(rho_ptr).to(tl.float64)
@@ -104,6 +121,8 @@ def _badm_step_kernel(
     mask = offs < P
 
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(cdt)
+    if HAS_INV_SCALE:
+        inv_scale = tl.load(inv_scale_ptr).to(cdt)
     delta = tl.zeros([BLOCK], dtype=cdt)
     primal = tl.zeros([BLOCK], dtype=cdt)
     for s in range(0, S):
@@ -111,6 +130,8 @@ def _badm_step_kernel(
         g_row = g_ptr + s * stride_g
         d_row = d_ptr + s * stride_d
         g = tl.load(g_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(cdt)
+        if HAS_INV_SCALE:
+            g = g * inv_scale  # unscaled in the arithmetic dtype, never rounded to the storage dtype
         p = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
         new_dual, z_term = _badm_element(g, p, rho_c, sigma_c, c, c_over_sigma)
         tl.store(d_row + offs, new_dual, mask=mask)
@@ -124,6 +145,27 @@ def _badm_step_kernel(
         # Masked lanes loaded zeros, so they add nothing. Block sums in fp64.
         tl.atomic_add(res_ptr, tl.sum(primal.to(tl.float64), axis=0))
         tl.atomic_add(res_ptr + 1, tl.sum((delta * delta).to(tl.float64), axis=0))
+
+
+@triton.jit
+def _badm_nonfinite_kernel(g_ptr, found_ptr, P: tl.int64, S: tl.int32, stride_g: tl.int64, BLOCK: tl.constexpr):
+    """Sets ``*found_ptr = 1.0`` when any of the S gradient rows holds a NaN or an infinity.
+
+    Read-only over the gradients; programs that find one store the same value (no atomics
+    needed), the others store nothing.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for s in range(0, S):
+        g = tl.load(g_ptr + s * stride_g + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        if g_ptr.dtype.element_ty != tl.float64:  # fp64 stays fp64: a value above 3.4e38 is finite
+            g = g.to(tl.float32)
+        # NaN is the only value unequal to itself.
+        bad = bad | ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
+    n_bad = tl.sum(bad, axis=0)
+    tl.store(found_ptr, 1.0, mask=n_bad > 0)
 
 
 INTERPRETED = not isinstance(_badm_step_kernel, triton.runtime.JITFunction)
@@ -209,18 +251,46 @@ def _validate(z, grads, duals, weights, residuals):
                 f"residuals must be a (2,) float64 tensor on {z.device}, got shape "
                 f"{tuple(residuals.shape)} {residuals.dtype} on {residuals.device}"
             )
-    if z.device.type == "cpu" and not INTERPRETED:
+    _check_device_usable(z.device)
+    return S, P
+
+
+def _check_device_usable(device):
+    if device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "the Triton back end got CPU tensors but Triton is not in interpreter mode; "
             "set TRITON_INTERPRET=1 before badm_fast.kernels is first used, or use CUDA tensors"
         )
-    return S, P
 
 
-def badm_step(z, grads, duals, weights, rho, sigma, residuals=None, *, block_size=None, num_warps=None):
+def _check_flag(name, t, device):
+    """``found_inf`` / ``inv_scale``: None or a one-element float32 tensor on ``device``."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.float32 or t.device != device:
+        got = f"shape {tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a one-element float32 tensor on {device}, got {got}")
+    return t
+
+
+def badm_step(
+    z,
+    grads,
+    duals,
+    weights,
+    rho,
+    sigma,
+    residuals=None,
+    *,
+    found_inf=None,
+    inv_scale=None,
+    block_size=None,
+    num_warps=None,
+):
     r"""One fused BADM step in place on ``z`` and ``duals``, by the Triton kernel.
 
-    Computes exactly :func:`badm_fast.reference.fused_step_`.
+    Computes exactly :func:`badm_fast.reference.fused_step_` (on ``grads * inv_scale`` when
+    ``inv_scale`` is given; not at all when ``found_inf`` is non-zero).
 
     Args:
         z (Tensor): global weights, 1-D contiguous ``(P,)``, float32/float64/bfloat16/float16.
@@ -233,6 +303,11 @@ def badm_step(z, grads, duals, weights, rho, sigma, residuals=None, *, block_siz
         sigma (float or Tensor): penalty (> 0); float or one-element device tensor like ``rho``.
         residuals (Tensor, optional): ``(2,)`` float64; ``sum_s alpha_s ||w_s' - z||^2`` and
             ``||z' - z||^2`` over the elements are added to it (default: None).
+        found_inf (Tensor, optional): one-element float32 device tensor read by the kernel: when
+            non-zero the call changes nothing (z, duals and residuals keep their values);
+            e.g. GradScaler's ``found_inf`` or the flag of :func:`badm_nonfinite_check`.
+        inv_scale (Tensor, optional): one-element float32 device tensor: the gradients are
+            multiplied by it in fp32 (fp64 for fp64) before use, i.e. unscaled in this pass.
         block_size (int, optional): elements per program, a power of two (default: by dtype,
             see :func:`default_launch_config`).
         num_warps (int, optional): warps per program (default: see :func:`default_launch_config`).
@@ -240,6 +315,8 @@ def badm_step(z, grads, duals, weights, rho, sigma, residuals=None, *, block_siz
     S, P = _validate(z, grads, duals, weights, residuals)
     rho_f, rho_t = _check_hyper("rho", rho, z.device, positive=False)
     sigma_f, sigma_t = _check_hyper("sigma", sigma, z.device, positive=True)
+    found_inf = _check_flag("found_inf", found_inf, z.device)
+    inv_scale = _check_flag("inv_scale", inv_scale, z.device)
     block, warps = default_launch_config(z.dtype)
     if block_size is not None:
         if block_size < 16 or block_size & (block_size - 1):
@@ -259,6 +336,8 @@ def badm_step(z, grads, duals, weights, rho, sigma, residuals=None, *, block_siz
         residuals if residuals is not None else z,
         rho_t if rho_t is not None else z,
         sigma_t if sigma_t is not None else z,
+        found_inf if found_inf is not None else z,
+        inv_scale if inv_scale is not None else z,
         *_split_double(rho_f),
         *_split_double(sigma_f),
         P,
@@ -270,6 +349,8 @@ def badm_step(z, grads, duals, weights, rho, sigma, residuals=None, *, block_siz
         RHO_FROM_PTR=rho_t is not None,
         SIGMA_FROM_PTR=sigma_t is not None,
         HAS_RESIDUALS=residuals is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        HAS_INV_SCALE=inv_scale is not None,
         BLOCK=block,
         CONTIGUITY=_CONTIGUITY,
         num_warps=warps,
@@ -282,3 +363,44 @@ def badm_step(z, grads, duals, weights, rho, sigma, residuals=None, *, block_siz
             _badm_step_kernel[grid](*args, **kwargs)
     else:
         _badm_step_kernel[grid](*args, **kwargs)
+
+
+# The scan is a pure read of S rows: 4096 elements per program keeps 16 elements per thread
+# per row in flight at 8 warps (untuned; the scan runs only in the capture-safe and fused
+# GradScaler paths, see bench/gpu_check.py for its time).
+_CHECK_BLOCK = 4096
+
+
+def badm_nonfinite_check(grads, found_inf, *, block_size=None):
+    """Set ``found_inf`` to 1.0 when any element of ``grads`` is NaN or infinite (in place).
+
+    Never clears the flag, so calls over several buffers accumulate. No host synchronisation.
+
+    Args:
+        grads (Tensor): ``(S, P)`` gradients (any supported dtype), rows contiguous, any row stride.
+        found_inf (Tensor): one-element float32 tensor on the device of ``grads``.
+        block_size (int, optional): elements per program, a power of two (default: 4096).
+    """
+    if grads.dim() != 2 or grads.shape[0] < 1:
+        raise ValueError(f"grads must have shape (S, P) with S >= 1, got {tuple(grads.shape)}")
+    if grads.dtype not in _SUPPORTED:
+        raise ValueError(f"grads has dtype {grads.dtype}; supported: float32, float64, bfloat16, float16")
+    S, P = grads.shape
+    if P > 1 and grads.stride(1) != 1:
+        raise ValueError(f"grads rows must be contiguous (stride(1) == 1), got strides {grads.stride()}")
+    if found_inf is None:
+        raise ValueError("found_inf must be a one-element float32 tensor, got None")
+    _check_flag("found_inf", found_inf, grads.device)
+    _check_device_usable(grads.device)
+    block = _CHECK_BLOCK if block_size is None else block_size
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block}")
+    if P == 0:
+        return
+    grid = (triton.cdiv(P, block),)
+    args = (grads, found_inf, P, S, grads.stride(0))
+    if grads.device.type == "cuda":
+        with torch.cuda.device(grads.device):
+            _badm_nonfinite_kernel[grid](*args, BLOCK=block, num_warps=_NUM_WARPS)
+    else:
+        _badm_nonfinite_kernel[grid](*args, BLOCK=block, num_warps=_NUM_WARPS)

@@ -128,8 +128,18 @@ def test_hyperparameters_and_weights_are_runtime_arguments(bt):
     # weights or S never compiles a new kernel.
     sig = inspect.signature(bt._badm_step_kernel.fn)
     constexprs = {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
-    assert constexprs == {"RHO_FROM_PTR", "SIGMA_FROM_PTR", "HAS_RESIDUALS", "BLOCK", "CONTIGUITY"}
-    assert {"rho_hi", "rho_lo", "sigma_hi", "sigma_lo", "w_ptr", "S"} <= set(sig.parameters)
+    assert constexprs == {
+        "RHO_FROM_PTR",
+        "SIGMA_FROM_PTR",
+        "HAS_RESIDUALS",
+        "HAS_FOUND_INF",
+        "HAS_INV_SCALE",
+        "BLOCK",
+        "CONTIGUITY",
+    }
+    assert {"rho_hi", "rho_lo", "sigma_hi", "sigma_lo", "w_ptr", "found_ptr", "inv_scale_ptr", "S"} <= set(
+        sig.parameters
+    )
 
 
 def test_split_double_keeps_fp64_hyperparameters(bt):
@@ -213,27 +223,42 @@ _COMPILE_SCRIPT = textwrap.dedent(
     names = list(inspect.signature(bt._badm_step_kernel.fn).parameters)
     out = {}
     for dt, cdt in [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")]:
-        for res in (False, True):
-            for hyp in (False, True):
-                sig = dict(z_ptr="*" + dt, g_ptr="*" + dt, d_ptr="*" + cdt, w_ptr="*" + cdt, res_ptr="*fp64",
-                           rho_ptr="*" + cdt, sigma_ptr="*" + cdt, rho_hi="fp32", rho_lo="fp32",
-                           sigma_hi="fp32", sigma_lo="fp32", P="i64", S="i32", stride_g="i64", stride_d="i64")
-                block = 1024 if dt == "fp64" else 2048
-                consts = dict(RHO_FROM_PTR=hyp, SIGMA_FROM_PTR=hyp, HAS_RESIDUALS=res, BLOCK=block,
-                              CONTIGUITY=bt._CONTIGUITY)
-                sig.update({k: "constexpr" for k in consts})
-                assert sorted(sig) == sorted(names), (sorted(sig), sorted(names))
-                aligned = ["z_ptr", "g_ptr", "d_ptr", "w_ptr", "res_ptr", "P", "stride_g", "stride_d"]
-                attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-                src = ASTSource(fn=bt._badm_step_kernel, signature=sig, constexprs=consts, attrs=attrs)
-                k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                   options=dict(num_warps=8, enable_fp_fusion=False))
-                ptx = k.asm["ptx"]
-                out[f"{dt}-{int(res)}-{int(hyp)}"] = dict(
-                    ld_v4=len(re.findall(r"ld\\.global[^\\n]*\\.v4", ptx)),
-                    st_v4=len(re.findall(r"st\\.global[^\\n]*\\.v4", ptx)),
-                    ld_v2=len(re.findall(r"ld\\.global[^\\n]*\\.v2", ptx)),
-                    fma=ptx.count("fma.rn"), shared=k.metadata.shared, has_cubin=bool(k.asm.get("cubin")))
+        # (residuals, hyperparameters from pointers, found_inf + inv_scale flags)
+        for res, hyp, flags in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1)]:
+            sig = dict(z_ptr="*" + dt, g_ptr="*" + dt, d_ptr="*" + cdt, w_ptr="*" + cdt, res_ptr="*fp64",
+                       rho_ptr="*fp64", sigma_ptr="*fp64", found_ptr="*fp32", inv_scale_ptr="*fp32",
+                       rho_hi="fp32", rho_lo="fp32", sigma_hi="fp32", sigma_lo="fp32", P="i64", S="i32",
+                       stride_g="i64", stride_d="i64")
+            block = 1024 if dt == "fp64" else 2048
+            consts = dict(RHO_FROM_PTR=bool(hyp), SIGMA_FROM_PTR=bool(hyp), HAS_RESIDUALS=bool(res),
+                          HAS_FOUND_INF=bool(flags), HAS_INV_SCALE=bool(flags), BLOCK=block,
+                          CONTIGUITY=bt._CONTIGUITY)
+            sig.update({k: "constexpr" for k in consts})
+            assert sorted(sig) == sorted(names), (sorted(sig), sorted(names))
+            aligned = ["z_ptr", "g_ptr", "d_ptr", "w_ptr", "res_ptr", "P", "stride_g", "stride_d"]
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+            src = ASTSource(fn=bt._badm_step_kernel, signature=sig, constexprs=consts, attrs=attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=8, enable_fp_fusion=False))
+            ptx = k.asm["ptx"]
+            out[f"{dt}-{res}-{hyp}-{flags}"] = dict(
+                ld_v4=len(re.findall(r"ld\\.global[^\\n]*\\.v4", ptx)),
+                st_v4=len(re.findall(r"st\\.global[^\\n]*\\.v4", ptx)),
+                ld_v2=len(re.findall(r"ld\\.global[^\\n]*\\.v2", ptx)),
+                fma=ptx.count("fma.rn"), shared=k.metadata.shared, has_cubin=bool(k.asm.get("cubin")))
+    # The non-finite scan: a pure read, in 16-byte vectors for 4-byte rows.
+    check_names = list(inspect.signature(bt._badm_nonfinite_kernel.fn).parameters)
+    for dt in ["fp32", "bf16", "fp16", "fp64"]:
+        sig = dict(g_ptr="*" + dt, found_ptr="*fp32", P="i64", S="i32", stride_g="i64", BLOCK="constexpr")
+        assert sorted(sig) == sorted(check_names), (sorted(sig), sorted(check_names))
+        attrs = {(check_names.index(n),): [["tt.divisibility", 16]] for n in ["g_ptr", "P", "stride_g"]}
+        src = ASTSource(fn=bt._badm_nonfinite_kernel, signature=sig, constexprs=dict(BLOCK=bt._CHECK_BLOCK),
+                        attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+        ptx = k.asm["ptx"]
+        out[f"check-{dt}"] = dict(ld_v4=len(re.findall(r"ld\\.global[^\\n]*\\.v4", ptx)),
+                                  ld_v2=len(re.findall(r"ld\\.global[^\\n]*\\.v2", ptx)),
+                                  st=len(re.findall(r"st\\.global", ptx)), has_cubin=bool(k.asm.get("cubin")))
     print("RESULT" + json.dumps(out))
     """
 )
@@ -251,8 +276,14 @@ def test_compiles_for_sm90_with_vector_accesses():
     import json
 
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    checks = {k: out.pop(k) for k in list(out) if k.startswith("check-")}
+    for key, r in checks.items():
+        assert r["has_cubin"] and r["st"] == 1, (key, r)  # the only store: the flag
+        # 16 elements per thread per row (4096 / 256 threads) in 16-byte loads: itemsize of them.
+        itemsize = {"check-fp32": 4, "check-bf16": 2, "check-fp16": 2, "check-fp64": 8}[key]
+        assert (r["ld_v2"] if key == "check-fp64" else r["ld_v4"]) == itemsize, (key, r)
     for key, r in out.items():
-        dt, res, _ = key.split("-")
+        dt, res, _, _ = key.split("-")
         assert r["has_cubin"], key
         assert r["fma"] == 0, f"{key}: contracted multiply-adds (fp fusion must be off)"
         # Per thread, 8 elements per row (fp64: 4): z, one grad row, one dual row loaded and the
