@@ -16,6 +16,11 @@ torch     :func:`badm_fast.reference.fused_step_` (plain PyTorch)       any
 the ones before it were not. The environment variable ``BADM_FAST_BACKEND`` replaces
 ``"auto"``. An explicitly requested back end that is unavailable raises
 :class:`BackendUnavailable` with the reason (and the original import error attached).
+
+The capture-safe mode (``BADM(capturable=True)``) needs a kernel that reads rho, sigma and a
+skip flag from device memory: only the back ends in :data:`CAPTURABLE` qualify (the extension
+op takes rho and sigma as host floats, which a captured CUDA graph would freeze), and "auto"
+skips the others.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ import torch
 
 from . import reference
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "BackendUnavailable", "availability", "resolve", "kernel_for"]
+__all__ = ["BACKENDS", "AUTO_ORDER", "CAPTURABLE", "BackendUnavailable", "availability", "resolve", "kernel_for"]
 
 log = logging.getLogger("badm_fast")
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 ENV_VAR = "BADM_FAST_BACKEND"
+# Back ends with a capture-safe form (badm_fast.capture.flagged_kernel_for).
+CAPTURABLE = ("triton", "torch")
 
 
 class BackendUnavailable(RuntimeError):
@@ -64,10 +71,19 @@ def _has_kernel(dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("badm_fast::fused_step_ext", dispatch_key)
 
 
-def availability(name: str, device_type: str) -> tuple[bool, str, BaseException | None]:
-    """Whether back end ``name`` can run on ``device_type``; ``(ok, reason, exception)``."""
+def availability(name: str, device_type: str, capturable: bool = False) -> tuple[bool, str, BaseException | None]:
+    """Whether back end ``name`` can run on ``device_type`` (in the capture-safe mode when
+    ``capturable``); ``(ok, reason, exception)``."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    if capturable and name not in CAPTURABLE:
+        return (
+            False,
+            f"capturable=True needs a kernel that reads rho, sigma and the skip flag from device memory "
+            f"(backends {CAPTURABLE}); {name!r} runs badm_fast::fused_step_ext, which takes rho and sigma as "
+            "host floats that a captured CUDA graph would freeze",
+            None,
+        )
     if name == "torch":
         return True, "plain PyTorch reference", None
     if name in ("cpp", "cuda"):
@@ -94,21 +110,22 @@ def availability(name: str, device_type: str) -> tuple[bool, str, BaseException 
     return True, "Triton kernel" + (" (interpreter)" if interpret else ""), None
 
 
-def resolve(requested: str, device_type: str) -> str:
-    """The back end that runs for ``requested`` ("auto" or a name) on ``device_type``."""
+def resolve(requested: str, device_type: str, capturable: bool = False) -> str:
+    """The back end that runs for ``requested`` ("auto" or a name) on ``device_type``
+    (among :data:`CAPTURABLE` when ``capturable``)."""
     if requested == "auto":
         requested = os.environ.get(ENV_VAR, "auto") or "auto"
         if requested != "auto" and requested not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={requested!r} is not a backend; choose one of {('auto',) + BACKENDS}")
     if requested != "auto":
-        ok, reason, exc = availability(requested, device_type)
+        ok, reason, exc = availability(requested, device_type, capturable)
         if not ok:
             raise BackendUnavailable(f"backend {requested!r} is unavailable on {device_type}: {reason}") from exc
         return requested
     order = AUTO_ORDER.get(device_type, ("torch",))
     skipped = []
     for name in order:
-        ok, reason, _ = availability(name, device_type)
+        ok, reason, _ = availability(name, device_type, capturable)
         if ok:
             if skipped:
                 log.info("badm_fast: using backend %r on %s; skipped %s", name, device_type, "; ".join(skipped))

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from . import backends, distributed
+from . import _ops, backends, capture, distributed
 from .flat import SUPPORTED_DTYPES, FlatBuffer
 from .reference import compute_dtype
 
@@ -104,11 +104,27 @@ class BADM(Optimizer):
             one all-reduce per flat buffer, weights normalised over all ranks. The ranks must
             start from identical weights and parameter layouts (checked here; RuntimeError on
             every rank otherwise). See :mod:`badm_fast.distributed`.
+        capturable (bool, optional): capture-safe mode (default: False): rho, sigma, the
+            weights and the skip flag live in device tensors and :meth:`step` makes no host
+            synchronisation, so ``opt.step()`` can be captured in a CUDA graph and replayed.
+            Non-finite gradients (and invalid weights given as a device tensor) skip the step
+            on the device and count in :attr:`skipped_steps_tensor`; ``on_nonfinite="raise"``
+            cannot raise without a synchronisation and skips too. Parameters must be on one
+            device; back ends ``"triton"`` or ``"torch"`` ("auto" picks among them). See
+            :mod:`badm_fast.capture`.
 
     Mixed precision: ``torch.amp.GradScaler`` works (``scaler.step(opt)``); the gradients of
     every sub-batch are unscaled and checked, and a step with a non-finite gradient is skipped
     without touching any state. Call ``scaler.unscale_(opt)`` only with one sub-batch (it
-    unscales the ``.grad`` tensors, i.e. one row).
+    unscales the ``.grad`` tensors, i.e. one row). With the Triton back end on one CUDA device
+    (and in capturable mode) the gradients are unscaled inside the fused pass and the skip is
+    decided on the device without a host synchronisation; such skips count in
+    :attr:`skipped_steps_tensor`.
+
+    ``torch.compile``: a compiled training step may call ``opt.step()``; the fused kernel
+    appears in the graph as the custom op ``badm_fast::fused_step`` (``fused_step_capturable``
+    in capturable mode), see :mod:`badm_fast._ops`. The host-side checks (parameter binding,
+    the non-finite check's synchronisation) cause graph breaks and run eagerly.
 
     Gradients: a sub-batch with no backward pass since :meth:`zero_grad` has gradient zero;
     a parameter that gets no gradient in any sub-batch of a step is skipped (its weights and
@@ -128,6 +144,7 @@ class BADM(Optimizer):
         mode: str = "sub_batch",
         on_nonfinite: str = "raise",
         process_group: Any = None,
+        capturable: bool = False,
     ):
         if isinstance(sub_batches, bool) or not isinstance(sub_batches, int) or sub_batches < 1:
             raise ValueError(f"Invalid sub_batches: {sub_batches!r} (an int >= 1)")
@@ -141,6 +158,12 @@ class BADM(Optimizer):
         if process_group is not None:
             distributed.validate_process_group(process_group)
         self.process_group = process_group
+        if not isinstance(capturable, bool):
+            raise ValueError(f"Invalid capturable: {capturable!r} (True or False)")
+        if capturable and process_group is not None:
+            raise ValueError("capturable=True is not supported with a process_group (the all-reduce step syncs)")
+        self.capturable = capturable
+        self.device_state: capture.DeviceState | None = None  # device tensors of the capture-safe path
         self.sub_batches = sub_batches
         self.mode = mode
         self.on_nonfinite = on_nonfinite
@@ -159,6 +182,8 @@ class BADM(Optimizer):
         super().__init__(params, dict(rho=rho, sigma=sigma))
         if process_group is not None:  # same layout and weights on every rank, or RuntimeError on all
             distributed.check_replicas(self)
+        if capturable:  # allocated now: tensors created during a capture would be reset by every replay
+            capture.state_of(self)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -188,9 +213,15 @@ class BADM(Optimizer):
         for p in group["params"]:
             if p.requires_grad:
                 buckets.setdefault((p.device, p.dtype), []).append(p)
+        if self.capturable:
+            devices = {d for d, _ in buckets} | {buf.device for buf in self._all_buffers()}
+            if len(devices) > 1:
+                raise ValueError(
+                    f"capturable=True needs every parameter on one device, got {sorted(map(str, devices))}"
+                )
         for device, _ in buckets:
             if device.type not in self._kernels:
-                name = backends.resolve(self.requested_backend, device.type)
+                name = backends.resolve(self.requested_backend, device.type, capturable=self.capturable)
                 self._kernels[device.type] = (name, backends.kernel_for(name))
         bufs = [FlatBuffer(ps, self._rows) for ps in buckets.values()]
         for buf in bufs:
@@ -224,6 +255,13 @@ class BADM(Optimizer):
         if len(set(names.values())) == 1:
             return next(iter(names.values()))
         return names if names else backends.resolve(self.requested_backend, "cpu")
+
+    @property
+    def skipped_steps_tensor(self) -> torch.Tensor:
+        """Steps skipped on the device (capturable mode, fused GradScaler path): a 0-dim int64
+        tensor on the parameters' device, updated without host synchronisation. Steps skipped
+        by the host-checked path count in :attr:`skipped_steps` instead."""
+        return capture.state_of(self).skipped
 
     def _all_buffers(self) -> Iterable[FlatBuffer]:
         for bufs in self._buffers:
@@ -359,6 +397,9 @@ class BADM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.capturable or capture.uses_fused_amp(self):  # decided on the device, no host sync
+            capture.step(self, weights, residuals)
+            return loss
         alpha, kernel_alpha = self._step_alpha(weights)
         for group in self.param_groups:
             _check_rho_sigma(group["rho"], group["sigma"])
@@ -374,14 +415,19 @@ class BADM(Optimizer):
             for group, bufs in zip(self.param_groups, self._buffers):
                 rho, sigma = float(group["rho"]), float(group["sigma"])
                 for buf in bufs:
-                    _, fn = self._kernels[buf.device.type]
+                    name, fn = self._kernels[buf.device.type]
                     w = self._weights_tensor(kernel_alpha, buf.device, compute_dtype(buf.dtype))
                     res = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals else None
                     if self.process_group is not None:  # all ranks' sub-batches, one all-reduce
                         distributed.buffer_step(self, buf, weights, rho, sigma, res)
                     else:
                         for a, b in buf.active_runs():
-                            fn(buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res)
+                            if torch.compiler.is_compiling():  # one graph node, see badm_fast._ops
+                                _ops.fused_step(
+                                    buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res, name
+                                )
+                            else:
+                                fn(buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res)
                     if residuals:
                         part = res * res.new_tensor([1.0, sigma * sigma])
                         sums = part if sums is None else sums + part.to(sums.device)
@@ -526,7 +572,9 @@ class BADM(Optimizer):
         return {
             "param_groups": self.param_groups,
             "defaults": self.defaults,
-            "config": dict(sub_batches=self.sub_batches, backend=self.requested_backend, mode=self.mode),
+            "config": dict(
+                sub_batches=self.sub_batches, backend=self.requested_backend, mode=self.mode, capturable=self.capturable
+            ),
             "badm_state": self.state_dict(),
         }
 
