@@ -1,0 +1,482 @@
+"""Distributed BADM (badm_fast.distributed) on CPU with gloo: 2 ranks spawned by the test.
+
+One spawn of two worker processes (this file run as a script, addresses on 127.0.0.1 only)
+runs every scenario below in order and writes, per rank, which scenarios failed and why; the
+tests read those reports. Each worker compares its distributed run with a single-process run
+of the same sub-batches computed in the same process, so every check is against fresh data.
+Time: about 10-20 s on 2 cores (most of it starting two Python processes with torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import badm_fast
+from badm_fast import backends
+
+WORLD = 2
+TIMEOUT_S = 180  # the whole spawn; each collective also times out after 60 s
+
+try:
+    import torch.distributed as dist
+
+    HAVE_GLOO = dist.is_available() and dist.is_gloo_available()
+except ImportError:  # pragma: no cover - torch without distributed support
+    HAVE_GLOO = False
+
+
+def _cpu_backends() -> list[str]:
+    ok, _, _ = backends.availability("cpp", "cpu")
+    return ["torch", "cpp"] if ok else ["torch"]
+
+
+# ================================================================== worker side (2 processes)
+def _model(seed=0, dtype=torch.float64, hidden=16, heads=1):
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Linear(6, hidden), nn.Tanh())
+    return nn.ModuleDict(
+        {"body": body, **{f"head{k}": nn.Linear(hidden, 3) for k in range(heads)}},
+    ).to(dtype)
+
+
+def _forward(model, x, head=0):
+    return model[f"head{head}"](model["body"](x))
+
+
+def _batches(steps, sizes_per_step, seed=1, dtype=torch.float64):
+    """Per step, the global sub-batches [(x, y), ...] with the given sizes (fresh random data)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for sizes in sizes_per_step[:steps]:
+        x = torch.randn(sum(sizes), 6, generator=gen, dtype=torch.float64).to(dtype)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        out.append(list(zip(x.split(sizes), y.split(sizes))))
+    return out
+
+
+def _train(model, opt, steps, heads_used=None, residuals=True):
+    """Run ``opt`` over ``steps`` (per step: this optimizer's sub-batches); returns residuals."""
+    res = []
+    for k, parts in enumerate(steps):
+        opt.zero_grad()
+        used = heads_used[k] if heads_used else [[0]] * len(parts)
+        if opt.mode == "merged":
+            x = torch.cat([p[0] for p in parts])
+            y = torch.cat([p[1] for p in parts])
+            F.cross_entropy(_forward(model, x), y).backward()
+        else:
+            for s, (x, y) in enumerate(parts):
+                with opt.sub_batch(s):
+                    loss = sum(F.cross_entropy(_forward(model, x, h), y) for h in used[s]) if used[s] else None
+                    if loss is not None:
+                        loss.backward()
+        opt.step(weights=[float(len(p[1])) for p in parts], residuals=residuals)
+        if residuals:
+            res.append(torch.stack([opt.residuals["primal"], opt.residuals["dual"]]).clone())
+    return res
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _duals(model, opt):
+    return [opt.state[p]["duals"].clone() for p in model.parameters() if p in opt.state]
+
+
+def _close(a, b, dtype, what):
+    tol = {torch.float64: (1e-12, 1e-13), torch.float32: (2e-6, 2e-6), torch.bfloat16: (2 * 2.0**-8, 2 * 2.0**-8)}
+    rtol, atol = tol[dtype]
+    for k, (u, v) in enumerate(zip(a, b)):
+        torch.testing.assert_close(u, v, rtol=rtol, atol=atol, msg=lambda m: f"{what}[{k}]: {m}")
+
+
+def _compare_with_single(rank, sub_batches, sizes, backend, dtype, steps=6, mode="sub_batch"):
+    """Distributed run (this rank: sub_batches[rank] sub-batches) against one process holding
+    all sum(sub_batches) sub-batches; same data, weights = sizes (ragged, changing each step)."""
+    total = sum(sub_batches)
+    first = sum(sub_batches[:rank])
+    mine = slice(first, first + sub_batches[rank])
+    data = _batches(steps, sizes, dtype=dtype)
+    groups = lambda m: [  # noqa: E731 - two groups with their own rho/sigma, one frozen parameter
+        {"params": list(m["body"].parameters()), "rho": 3.0, "sigma": 5.0},
+        {"params": list(m["head0"].parameters()), "rho": 1.0, "sigma": 4.0},
+    ]
+    ref_model = _model(dtype=dtype)
+    ref_model["body"][0].bias.requires_grad_(False)
+    ref = badm_fast.BADM(groups(ref_model), sub_batches=total, backend=backend)
+    ref_res = _train(ref_model, ref, data)
+    model = _model(dtype=dtype)
+    model["body"][0].bias.requires_grad_(False)
+    opt = badm_fast.BADM(
+        groups(model), sub_batches=sub_batches[rank], backend=backend, mode=mode, process_group=dist.group.WORLD
+    )
+    res = _train(model, opt, [parts[mine] for parts in data])
+    _close(_params(model), _params(ref_model), dtype, "weights")
+    if mode == "sub_batch":
+        _close(_duals(model, opt), [d[mine] for d in _duals(ref_model, ref)], dtype, "duals")
+    else:  # the merged dual is the weighted mean of this rank's sub-batch duals (constant weights)
+        w = torch.tensor(sizes[0][mine], dtype=torch.float64)
+        w = (w / w.sum()).to(_duals(model, opt)[0].dtype)
+        merged = [(w.view(-1, *[1] * (d.dim() - 1)) * d[mine]).sum(0, keepdim=True) for d in _duals(ref_model, ref)]
+        _close(_duals(model, opt), merged, dtype, "merged duals")
+    # residuals: the primal one of the merged mode is that of the merged dual, not comparable
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    cols = slice(0, 2) if mode == "sub_batch" else slice(1, 2)
+    torch.testing.assert_close(torch.stack(res)[:, cols], torch.stack(ref_res)[:, cols], rtol=rtol, atol=1e-12)
+    assert not torch.equal(_params(model)[0], _params(_model(dtype=dtype))[0])  # it moved
+    assert opt.backend == backend
+
+
+def scenario_two_ranks_one_sub_batch(rank):
+    sizes = [[5, 9], [8, 8], [11, 3], [6, 7], [9, 9], [4, 12]]
+    for backend in _cpu_backends():
+        _compare_with_single(rank, [1, 1], sizes, backend, torch.float64)
+    _compare_with_single(rank, [1, 1], sizes, _cpu_backends()[-1], torch.float32)
+
+
+def scenario_low_precision(rank):
+    """bf16/fp16 weights: the payload is fp32 and z is rounded once, so one step from the same
+    state gives the single-process weights bit for bit (up to a rare fp32 tie: <= 1%, 1 ulp).
+    A bf16 payload, or a delta rounded before the addition, changes ~10% of the elements."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for backend in _cpu_backends():
+            data = _batches(1, [[9, 7]], dtype=dtype)
+            ref_model = _model(dtype=dtype, hidden=128)
+            ref = badm_fast.BADM(ref_model.parameters(), sub_batches=2, rho=1.0, sigma=0.5, backend=backend)
+            _train(ref_model, ref, data)
+            model = _model(dtype=dtype, hidden=128)
+            opt = badm_fast.BADM(
+                model.parameters(), rho=1.0, sigma=0.5, backend=backend, process_group=dist.group.WORLD
+            )
+            _train(model, opt, [parts[rank : rank + 1] for parts in data])
+            a, b = (torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (model, ref_model))
+            assert float((a != b).double().mean()) <= 0.01, f"{dtype}, {backend}: {int((a != b).sum())} of {a.numel()}"
+            ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+            torch.testing.assert_close(a.float(), b.float(), rtol=ulp, atol=1e-6)
+            assert all(d.dtype == torch.float32 for d in badm_fast.distributed._replica(opt).payloads.values())
+    # a few steps: the trajectories stay together to the storage precision
+    sizes = [[5, 9], [8, 8], [11, 3]]
+    for backend in _cpu_backends():
+        _compare_with_single(rank, [1, 1], sizes, backend, torch.bfloat16, steps=3)
+
+
+def scenario_two_ranks_two_ragged_sub_batches(rank):
+    sizes = [[3, 5, 7, 2], [4, 4, 4, 4], [1, 9, 6, 3], [8, 2, 2, 5], [5, 5, 1, 7]]
+    for backend in _cpu_backends():
+        _compare_with_single(rank, [2, 2], sizes, backend, torch.float64)
+
+
+def scenario_sub_batch_counts_differ(rank):
+    sizes = [[3, 5, 7, 2], [4, 4, 4, 4], [1, 9, 6, 3], [8, 2, 2, 5]]
+    _compare_with_single(rank, [1, 3], sizes, _cpu_backends()[-1], torch.float64)
+
+
+def scenario_merged(rank):
+    sizes = [[3, 5, 7, 2]] * 6  # constant weights: the exact fast path
+    for backend in _cpu_backends():
+        _compare_with_single(rank, [2, 2], sizes, backend, torch.float64, mode="merged")
+
+
+def scenario_unused_parameters(rank):
+    """Head 1 gets a gradient from rank 1 only (step 0), then from nobody (steps 1-2): the
+    single-process rule over all sub-batches (zero gradient where none; no gradient anywhere:
+    weights and duals unchanged) holds across ranks."""
+    sizes = [[6, 8], [7, 5], [9, 4]]
+    heads = [[[0], [0, 1]], [[0], [0]], [[0], [0]]]
+    data = _batches(3, sizes)
+    for backend in _cpu_backends():
+        ref_model = _model(heads=2)
+        ref = badm_fast.BADM(ref_model.parameters(), sub_batches=2, rho=2.0, sigma=5.0, backend=backend)
+        model = _model(heads=2)
+        opt = badm_fast.BADM(
+            model.parameters(), sub_batches=1, rho=2.0, sigma=5.0, backend=backend, process_group=dist.group.WORLD
+        )
+        ref_res, res = [], []
+        for k in range(3):
+            ref_res += _train(ref_model, ref, data[k : k + 1], [heads[k]])
+            res += _train(model, opt, [data[k][rank : rank + 1]], [heads[k][rank : rank + 1]])
+            _close(_params(model), _params(ref_model), torch.float64, f"weights after step {k}")
+            _close(_duals(model, opt), [d[rank : rank + 1] for d in _duals(ref_model, ref)], torch.float64, "duals")
+            if k == 1:
+                head1 = [p.clone() for p in model["head1"].parameters()] + [
+                    opt.state[p]["duals"].clone() for p in model["head1"].parameters()
+                ]
+        assert any(float(ref.state[p]["duals"].abs().max()) > 0 for p in ref_model["head1"].parameters())
+        now = [p for p in model["head1"].parameters()] + [opt.state[p]["duals"] for p in model["head1"].parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(head1, now)), "an unused parameter moved"
+        torch.testing.assert_close(torch.stack(res), torch.stack(ref_res), rtol=1e-10, atol=1e-12)
+
+
+def scenario_checkpoint_resume(rank, tmpdir):
+    """Rank 0 saves one checkpoint (model + every rank's duals); a fresh job resumes from it
+    and ends bit-identical to the uninterrupted run."""
+    sizes = [[3, 5, 7, 2], [4, 4, 4, 4], [1, 9, 6, 3], [8, 2, 2, 5], [5, 5, 1, 7], [2, 6, 3, 3]]
+    data = _batches(6, sizes)
+    mine = slice(2 * rank, 2 * rank + 2)
+    path = os.path.join(tmpdir, "ckpt.pt")
+
+    def fresh():
+        model = _model(seed=3)
+        opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=2.0, sigma=6.0, process_group=dist.group.WORLD)
+        return model, opt
+
+    model, opt = fresh()
+    _train(model, opt, [p[mine] for p in data[:3]], residuals=False)
+    ckpt = badm_fast.distributed.gather_state_dict(opt)
+    if rank == 0:
+        assert ckpt["world_size"] == WORLD and len(ckpt["ranks"]) == WORLD
+        torch.save({"model": model.state_dict(), "optimizer": ckpt}, path)
+    else:
+        assert ckpt is None
+    dist.barrier()
+    _train(model, opt, [p[mine] for p in data[3:]], residuals=False)
+    want_w, want_d = _params(model), _duals(model, opt)
+
+    model, opt = fresh()
+    saved = torch.load(path, weights_only=True)
+    model.load_state_dict(saved["model"])
+    badm_fast.distributed.scatter_state_dict(opt, saved["optimizer"] if rank == 0 else None)
+    assert opt._step_count == 3
+    _train(model, opt, [p[mine] for p in data[3:]], residuals=False)
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), want_w)), "weights differ after resuming"
+    assert all(torch.equal(a, b) for a, b in zip(_duals(model, opt), want_d)), "duals differ after resuming"
+
+    # A checkpoint of another group size, or not a checkpoint at all: every rank refuses it.
+    before = _duals(model, opt)
+    bad = dict(saved["optimizer"], ranks=saved["optimizer"]["ranks"][:1])
+    for wrong, match in ((bad, "holds the optimizer states of 1 ranks"), ({"x": 1}, "not a checkpoint")):
+        try:
+            badm_fast.distributed.scatter_state_dict(opt, wrong if rank == 0 else None)
+        except ValueError as exc:
+            assert match in str(exc), str(exc)
+        else:
+            raise AssertionError(f"scatter_state_dict accepted {match!r}")
+    # A rank whose optimizer does not fit its entry: every rank raises, nothing changes.
+    other = [dict(sd) for sd in saved["optimizer"]["ranks"]]
+    other[1] = dict(other[1], badm=dict(other[1]["badm"], sub_batches=5))
+    try:
+        badm_fast.distributed.scatter_state_dict(opt, dict(saved["optimizer"], ranks=other) if rank == 0 else None)
+    except ValueError as exc:
+        assert ("rank 1 could not load" in str(exc)) if rank == 1 else ("rank(s) [1] could not load" in str(exc))
+    else:
+        raise AssertionError("scatter_state_dict accepted a state with the wrong sub-batch count")
+    assert all(torch.equal(a, b) for a, b in zip(_duals(model, opt), before))
+
+
+def _expect_error(build, pattern):
+    import re
+
+    try:
+        build()
+    except RuntimeError as exc:
+        assert re.search(pattern, str(exc)), f"{pattern!r} not in {exc}"
+        return str(exc)
+    raise AssertionError(f"no RuntimeError matching {pattern!r}")
+
+
+def scenario_mismatched_weights(rank):
+    def build():
+        model = _model()
+        if rank == 1:
+            with torch.no_grad():
+                model["head0"].weight[1, 2] += 1e-3
+        badm_fast.BADM(model.parameters(), process_group=dist.group.WORLD)
+
+    _expect_error(
+        build,
+        r"initial weights differ across ranks: parameter 2 of param group 0 \(shape \(3, 16\)\) "
+        r"on rank\(s\) \[1\] differs from rank 0",
+    )
+
+    def build_seed():
+        badm_fast.BADM(_model(seed=rank).parameters(), process_group=dist.group.WORLD)
+
+    _expect_error(build_seed, r"initial weights differ.*parameter 0 of param group 0.*rank\(s\) \[1\]")
+    # identical weights, different sub-batch counts: accepted
+    badm_fast.BADM(_model().parameters(), sub_batches=1 + rank, process_group=dist.group.WORLD)
+
+
+def scenario_mismatched_layout(rank):
+    cases = [
+        (lambda: _model(hidden=16 + rank).parameters(), r"disagree on the parameter layout: rank 0 has 1 param groups"),
+        (
+            lambda: _model(dtype=torch.float64 if rank == 0 else torch.float32).parameters(),
+            r"param group 0 \(flat buffer 0\): rank 0 has 4 parameters, \d+ elements, torch.float64; "
+            r"rank 1 has 4 parameters, \d+ elements, torch.float32",
+        ),
+        (lambda: [{"params": [p]} for p in _model().parameters()][: 3 + rank], r"rank 1 has 4 param groups"),
+    ]
+    for params, pattern in cases:
+        _expect_error(lambda: badm_fast.BADM(params(), process_group=dist.group.WORLD), pattern)
+
+    # shapes permuted inside one buffer with equal sizes
+    def swapped():
+        a, b = nn.Parameter(torch.ones(2, 3, dtype=torch.float64)), nn.Parameter(torch.ones(3, 2, dtype=torch.float64))
+        return [a, b] if rank == 0 else [b, a]
+
+    _expect_error(lambda: badm_fast.BADM(swapped(), process_group=dist.group.WORLD), r"same sizes, different shapes")
+    _expect_error(
+        lambda: badm_fast.BADM(
+            _model().parameters(), on_nonfinite=["raise", "skip"][rank], process_group=dist.group.WORLD
+        ),
+        r"on_nonfinite='raise'; rank 1 has .* on_nonfinite='skip'",
+    )
+
+
+def scenario_nonfinite(rank):
+    sizes = [[6, 8]] * 2
+    data = _batches(2, sizes)
+    for mode in ("raise", "skip"):
+        model = _model()
+        opt = badm_fast.BADM(model.parameters(), on_nonfinite=mode, process_group=dist.group.WORLD)
+        _train(model, opt, [data[0][rank : rank + 1]], residuals=False)
+        before = _params(model) + _duals(model, opt)
+        x, y = data[1][rank]
+        opt.zero_grad()
+        F.cross_entropy(_forward(model, x), y).backward()
+        if rank == 1:
+            model["head0"].bias.grad[1] = float("nan")
+        if mode == "raise":
+            pattern = (
+                r"rank 1: non-finite gradient in parameter 3" if rank == 1 else r"rank\(s\) \[1\] refused the step"
+            )
+            _expect_error(lambda: opt.step(weights=[len(y)]), pattern)
+        else:
+            opt.step(weights=[len(y)])
+            assert opt.skipped_steps == 1
+        after = _params(model) + _duals(model, opt)
+        assert all(torch.equal(a, b) for a, b in zip(before, after)), f"{mode}: the refused step changed the state"
+        _train(model, opt, [data[1][rank : rank + 1]], residuals=False)  # the group is still in step
+        assert not torch.equal(_params(model)[0], before[0])
+
+
+SCENARIOS = {
+    "two_ranks_one_sub_batch": scenario_two_ranks_one_sub_batch,
+    "low_precision": scenario_low_precision,
+    "two_ranks_two_ragged_sub_batches": scenario_two_ranks_two_ragged_sub_batches,
+    "sub_batch_counts_differ": scenario_sub_batch_counts_differ,
+    "merged": scenario_merged,
+    "unused_parameters": scenario_unused_parameters,
+    "checkpoint_resume": scenario_checkpoint_resume,
+    "mismatched_weights": scenario_mismatched_weights,
+    "mismatched_layout": scenario_mismatched_layout,
+    "nonfinite": scenario_nonfinite,
+}
+
+
+def _worker(rank: int, world: int, port: int, outdir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    report = {}
+    failed = None
+    for name, fn in SCENARIOS.items():
+        if failed is not None:
+            report[name] = f"not run: scenario {failed} failed before"
+            continue
+        try:
+            fn(rank, outdir) if name == "checkpoint_resume" else fn(rank)
+            dist.barrier()  # a rank that failed has left: this raises instead of pairing the next collectives
+            report[name] = None
+        except Exception:
+            report[name] = traceback.format_exc()
+            failed = name
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    if failed is not None:
+        os._exit(1)  # the peer's pending collective fails at once
+    dist.destroy_process_group()
+
+
+# ====================================================================== pytest side
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reports():
+    if not HAVE_GLOO:
+        pytest.skip("torch.distributed with gloo is not available")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        GLOO_SOCKET_IFNAME="lo",
+        MASTER_ADDR="127.0.0.1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    )
+    with tempfile.TemporaryDirectory() as outdir:
+        port = _free_port()
+        logs = [open(os.path.join(outdir, f"log{r}.txt"), "w+") for r in range(WORLD)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), str(r), str(WORLD), str(port), outdir],
+                env=env,
+                cwd=root,
+                stdout=logs[r],
+                stderr=subprocess.STDOUT,
+            )
+            for r in range(WORLD)
+        ]
+        try:
+            for p in procs:
+                p.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        out = []
+        for r in range(WORLD):
+            logs[r].seek(0)
+            log = logs[r].read()[-4000:]
+            logs[r].close()
+            path = os.path.join(outdir, f"rank{r}.json")
+            if not os.path.exists(path):
+                pytest.fail(f"rank {r} wrote no report (exit code {procs[r].returncode}); its output:\n{log}")
+            with open(path) as f:
+                out.append(json.load(f))
+        return out
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_distributed(reports, scenario):
+    failures = {rank: report.get(scenario, "no report") for rank, report in enumerate(reports)}
+    failures = {rank: why for rank, why in failures.items() if why is not None}
+    assert not failures, "\n".join(f"rank {rank}, {scenario}:\n{why}" for rank, why in failures.items())
+
+
+def test_process_group_is_validated():
+    model = _model()
+    before = _params(model)
+    with pytest.raises(
+        ValueError, match="torch.distributed is not initialised|must be a torch.distributed.ProcessGroup"
+    ):
+        badm_fast.BADM(model.parameters(), process_group="world")
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    opt = badm_fast.BADM(model.parameters())
+    assert opt.process_group is None
+    with pytest.raises(ValueError, match="has no process_group"):
+        badm_fast.distributed.gather_state_dict(opt)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
