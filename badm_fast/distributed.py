@@ -460,27 +460,23 @@ def scatter_state_dict(opt: Any, checkpoint: dict[str, Any] | None, src: int = 0
     rep = _require_group(opt)
     if not 0 <= src < rep.world:
         raise ValueError(f"src={src} is not a rank of the process group (size {rep.world})")
-    status = torch.zeros(1, dtype=torch.int64)
-    problem = None
+    status = torch.zeros(2, dtype=torch.int64)  # [number of ranks in the checkpoint or -1, version]
     if rep.rank == src:
         ok = (
             isinstance(checkpoint, dict)
             and checkpoint.get("format") == CHECKPOINT_FORMAT[0]
             and isinstance(checkpoint.get("ranks"), list)
         )
-        if not ok:
-            problem = "not a checkpoint of badm_fast.distributed.gather_state_dict"
-            status[0] = -1
-        elif checkpoint.get("version") != CHECKPOINT_FORMAT[1]:
-            problem = f"unsupported checkpoint version {checkpoint.get('version')!r}"
-            status[0] = -1
-        else:
-            status[0] = len(checkpoint["ranks"])
+        version = checkpoint.get("version") if ok else None
+        status[0] = len(checkpoint["ranks"]) if ok else -1
+        status[1] = version if isinstance(version, int) else -1
     status = status.to(rep.device)
     dist.broadcast(status, dist.get_global_rank(rep.group, src), group=rep.group)
-    n = int(status.cpu()[0])
+    n, version = (int(x) for x in status.cpu())
     if n < 0:
-        raise ValueError(f"scatter_state_dict: rank {src} got {problem or 'an invalid checkpoint'}")
+        raise ValueError(f"scatter_state_dict: rank {src} was given what is not a checkpoint of gather_state_dict")
+    if version != CHECKPOINT_FORMAT[1]:
+        raise ValueError(f"scatter_state_dict: unsupported checkpoint version {version} (this badm_fast reads 1)")
     if n != rep.world:
         raise ValueError(
             f"scatter_state_dict: the checkpoint holds the optimizer states of {n} ranks, this process group has "
