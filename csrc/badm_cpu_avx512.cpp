@@ -1,0 +1,42 @@
+// AVX-512 build of the CPU kernel (F, BW, VL, DQ plus FMA: the instruction sets of torch's own
+// AVX512 kernels), used when at::get_cpu_capability() reports AVX512. Compiled like
+// badm_cpu_avx2.cpp.
+#if defined(BADM_FAST_CPU_ISA_DISPATCH)
+#include "badm_cpu_isa_prelude.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+// GCC before 14 does not define the target macros after `#pragma GCC target`
+// (https://gcc.gnu.org/bugzilla/show_bug.cgi?id=87299); sleef.h, included by at::vec,
+// declares its 512-bit functions only under __AVX512F__.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+
+#define CPU_CAPABILITY badm_avx512
+#define CPU_CAPABILITY_AVX512
+#define BADM_CPU_ISA isa_avx512
+#include "badm_cpu_kernel.h"
+
+BADM_DEFINE_ENTRY(fused_step_avx512)
+#endif
