@@ -1,0 +1,271 @@
+#!/usr/bin/env python
+"""Distributed training step on gloo, 2 processes on this machine: BADM against DDP + SGD(momentum).
+
+The same MLP (``--width``; 1024-2048-2048-1024-10, 8.4M parameters by default) on a fixed random
+batch of ``--batch`` samples per rank, one thread per process (2 processes on 2 cores). Cases:
+
+- ``badm``: ``BADM(process_group=WORLD, sub_batches=1)`` with the default
+  ``on_nonfinite="raise"`` (each step: a one-flag-per-rank all-reduce agreeing on non-finite
+  gradients, then the kernel and one all-reduce of the payload per flat buffer);
+- ``badm (on_nonfinite="ignore")``: no agreement collective, only the payload all-reduce;
+- ``ddp + sgd``: ``DistributedDataParallel`` (its bucketed gradient all-reduce overlaps the
+  backward pass) and ``SGD(momentum=0.9, foreach=True)``;
+- ``badm, 1 process``: the same BADM step without a process group (the kernel alone), as a
+  baseline for the step's compute.
+
+Every iteration (zero_grad, forward, backward, step) is timed, and ``opt.step()`` on its own;
+inside BADM's step the payload all-reduce is timed where it runs (``torch.distributed.all_reduce``
+wrapped in this process), and separately an all-reduce of a tensor of the payload's size.
+Cases alternate in rounds; medians (p20-p80) over all timed iterations of rank 0.
+
+    python bench/bench_distributed.py               # writes bench/results/distributed.md
+    python bench/bench_distributed.py --quick       # a few iterations, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common as bc  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import badm_fast  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = 2
+
+
+def _model(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(width // 2, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, width // 2),
+        nn.ReLU(),
+        nn.Linear(width // 2, 10),
+    )
+
+
+class _AllReduceTimer:
+    """Wraps torch.distributed.all_reduce in this process; times calls on large tensors."""
+
+    def __init__(self, min_numel: int):
+        self.min_numel = min_numel
+        self.times: list[float] = []
+        self.inner = dist.all_reduce
+
+    def __call__(self, tensor, *args, **kwargs):
+        if tensor.numel() < self.min_numel:
+            return self.inner(tensor, *args, **kwargs)
+        t0 = time.perf_counter()
+        out = self.inner(tensor, *args, **kwargs)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=300)
+    )
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch, args.width // 2, generator=gen)
+    y = torch.randint(0, 10, (args.batch,), generator=gen)
+
+    cases = {}
+    m = _model(args.width)
+    cases["badm"] = (m, badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0, process_group=dist.group.WORLD))
+    m = _model(args.width)
+    cases['badm (on_nonfinite="ignore")'] = (
+        m,
+        badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0, on_nonfinite="ignore", process_group=dist.group.WORLD),
+    )
+    m = nn.parallel.DistributedDataParallel(_model(args.width))
+    cases["ddp + sgd"] = (m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=True))
+    m = _model(args.width)
+    cases["badm, 1 process"] = (m, badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0))
+    n_params = sum(p.numel() for p in _model(args.width).parameters())
+
+    timer = _AllReduceTimer(min_numel=n_params // 2)
+    dist.all_reduce = timer  # badm_fast.distributed calls dist.all_reduce: timed where it runs
+    times = {name: {"iter": [], "step": [], "allreduce": []} for name in cases}
+
+    def iteration(name: str) -> tuple[float, float, list[float]]:
+        model, opt = cases[name]
+        before = len(timer.times)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        t1 = time.perf_counter()
+        opt.step(weights=[float(args.batch)]) if isinstance(opt, badm_fast.BADM) else opt.step()
+        t2 = time.perf_counter()
+        return t2 - t0, t2 - t1, timer.times[before:]
+
+    for name in cases:
+        for _ in range(args.warmup):
+            iteration(name)
+    for _ in range(args.rounds):
+        for name in cases:
+            dist.barrier()
+            for _ in range(args.steps):
+                it, st, ar = iteration(name)
+                times[name]["iter"].append(it)
+                times[name]["step"].append(st)
+                if name.startswith("badm") and "1 process" not in name:
+                    times[name]["allreduce"].append(sum(ar))
+
+    # an all-reduce of a tensor of the payload's size, alone
+    payload = next(iter(badm_fast.distributed._replica(cases["badm"][1]).payloads.values()))
+    alone = torch.zeros_like(payload)
+    dist.barrier()
+    times["all-reduce alone"] = {"iter": [], "step": [], "allreduce": []}
+    for k in range(args.warmup + args.rounds * args.steps):
+        t0 = time.perf_counter()
+        timer.inner(alone)
+        if k >= args.warmup:
+            times["all-reduce alone"]["allreduce"].append(time.perf_counter() - t0)
+    dist.all_reduce = timer.inner
+
+    if rank == 0:
+        result = {
+            "n_params": n_params,
+            "payload_elements": payload.numel(),
+            "payload_bytes": payload.numel() * payload.element_size(),
+            "times": times,
+            "machine": bc.machine_info("cpu"),
+        }
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _stats(values: list[float]) -> bc.Stats | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return bc.Stats(bc.percentile(v, 50), bc.percentile(v, 20), bc.percentile(v, 80), len(v))
+
+
+def _table(result: dict) -> str:
+    rows = []
+    for name, t in result["times"].items():
+        it, st, ar = _stats(t["iter"]), _stats(t["step"]), _stats(t["allreduce"])
+        row = {"case": name}
+        if it:
+            row["iter"] = it.median * 1e3
+            row["iter_range"] = f"{it.p20 * 1e3:.1f}-{it.p80 * 1e3:.1f}"
+        if st:
+            row["step"] = st.median * 1e3
+        if ar:
+            row["allreduce"] = ar.median * 1e3
+            if st:
+                row["share"] = f"{100 * sum(t['allreduce']) / sum(t['step']):.0f}%"
+        rows.append(row)
+    return bc.markdown_table(
+        rows,
+        [
+            ("case", "case"),
+            ("iter", "ms / iteration (median)"),
+            ("iter_range", "p20-p80"),
+            ("step", "ms opt.step()"),
+            ("allreduce", "ms payload all-reduce"),
+            ("share", "all-reduce share of opt.step()"),
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--width", type=int, default=2048, help="hidden width of the MLP (default 2048: 8.4M parameters)")
+    p.add_argument("--batch", type=int, default=64, help="samples per rank and step")
+    p.add_argument("--steps", type=int, default=10, help="timed iterations per case and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the cases")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // WORLD), help="threads per process")
+    p.add_argument("--quick", action="store_true", help="a few iterations; print, write nothing")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distributed.md"))
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before the workers are stopped")
+    p.add_argument("--worker", nargs=3, metavar=("RANK", "PORT", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds, args.warmup = 3, 1, 1
+    if args.worker:
+        rank, port, out = args.worker
+        _worker(int(rank), int(port), args, out)
+        return
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS=str(args.threads))
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        procs = [
+            subprocess.Popen([sys.executable, __file__, *forwarded, "--worker", str(r), str(port), out], env=env)
+            for r in range(WORLD)
+        ]
+        try:
+            for proc in procs:
+                proc.wait(timeout=args.timeout)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if any(proc.returncode for proc in procs):
+            sys.exit(f"a worker failed (exit codes {[proc.returncode for proc in procs]})")
+        with open(out) as f:
+            result = json.load(f)
+
+    table = _table(result)
+    mach = result["machine"]
+    command = "python bench/bench_distributed.py " + " ".join(shlex.quote(a) for a in forwarded)
+    text = "\n".join(
+        [
+            "# Distributed step: BADM vs DDP + SGD(momentum), gloo, 2 processes",
+            "",
+            f"Command: `{command.strip()}`",
+            "",
+            f"{mach['date']}, commit {mach['commit']}, {mach['cpu']} ({mach['cores']} cores), torch {mach['torch']}, "
+            f"{args.threads} thread(s) per process, load average {mach['load']}.",
+            f"MLP with {result['n_params'] / 1e6:.1f}M fp32 parameters, batch {args.batch} per rank; BADM payload "
+            f"{result['payload_bytes'] / 2**20:.1f} MiB per step (the same bytes as DDP's gradient all-reduce, "
+            "plus a 16-element tail and 2 elements per parameter tensor).",
+            "",
+            table,
+            "",
+            "An iteration is zero_grad + forward + backward + opt.step(). `ms opt.step()`: the optimizer step "
+            "alone (for BADM: the agreement on non-finite gradients, the kernel and the payload all-reduce; for "
+            "DDP + SGD only the SGD update, its all-reduce already ran, overlapped with the backward pass). "
+            "`all-reduce alone`: an all-reduce of a tensor of the payload's size, nothing else running.",
+            "",
+        ]
+    )
+    print(text)
+    if not args.quick:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
