@@ -1,6 +1,6 @@
 // Body of the CPU kernel, compiled once per instruction set.
 //
-// The including file defines BADM_CPU_ISA (the namespace of this build, e.g. avx2) and, for a
+// The including file defines BADM_CPU_ISA (the namespace of this build, e.g. isa_avx2) and, for a
 // vector instruction set, CPU_CAPABILITY / CPU_CAPABILITY_<ISA> and the matching compiler
 // target before including this header (see badm_cpu_avx2.cpp). It then defines its entry point
 // with BADM_DEFINE_ENTRY(name).
@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "badm_cpu.h"
