@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as _dist
 
 from badm_fast import tasks as _tasks
 
@@ -113,9 +114,16 @@ def _versions() -> dict:
 
 
 def make_optimizer(
-    name: str, params, hp: dict, sub_batches: int = 4, badm_backend: str = "auto", badm_mode: str = "sub_batch"
+    name: str,
+    params,
+    hp: dict,
+    sub_batches: int = 4,
+    badm_backend: str = "auto",
+    badm_mode: str = "sub_batch",
+    process_group=None,
 ) -> torch.optim.Optimizer:
-    """Builds optimizer ``name`` (one of :data:`OPTIMIZERS`) with hyperparameters ``hp``."""
+    """Builds optimizer ``name`` (one of :data:`OPTIMIZERS`) with hyperparameters ``hp``
+    (``process_group``: distributed BADM, see :mod:`badm_fast.distributed`)."""
     if name == "badm":
         from badm_fast import BADM
 
@@ -128,6 +136,7 @@ def make_optimizer(
             backend=badm_backend,
             mode=badm_mode,
             on_nonfinite="ignore",
+            process_group=process_group,
         )
     if name == "sgd":
         return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"])
@@ -177,19 +186,23 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, max_steps: int
     return batches
 
 
-def train_epoch(model, opt, loss_fn, batches, progress=None) -> float:
+def train_epoch(model, opt, loss_fn, batches, progress=None, reduce=None) -> float:
     """Trains one epoch over ``batches`` (an iterable of ``(inputs, targets)``).
 
-    Returns the sample-weighted mean training loss of the epoch.
+    Returns the sample-weighted mean training loss of the epoch. ``reduce(loss, n)`` (optional)
+    maps a step's local mean loss and sample count to those of all ranks.
     """
     model.train()
     total, count = 0.0, 0
     for inputs, targets in batches:
         loss = train_step(model, opt, loss_fn, inputs, targets)
+        n = inputs.shape[0]
+        if reduce is not None:
+            loss, n = reduce(loss, n)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss}; lower the learning rate (or raise sigma)")
-        total += loss * inputs.shape[0]
-        count += inputs.shape[0]
+        total += loss * n
+        count += n
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -211,7 +224,12 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
     torch.manual_seed(args.seed)
     model = task.build_model().to(task.device)
     model.load_state_dict(init_state)
-    opt = make_optimizer(name, model.parameters(), hp, args.sub_batches, args.badm_backend, args.badm_mode)
+    group = _dist.group.WORLD if args.distributed else None
+    opt = make_optimizer(name, model.parameters(), hp, args.sub_batches, args.badm_backend, args.badm_mode, group)
+    train_model = model
+    if args.distributed and name != "badm":  # BADM aggregates the ranks itself; the others average gradients
+        ids = [task.device.index] if task.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     torch.manual_seed(args.seed + 1)  # dropout and sampling noise: the same stream for every optimizer
 
     model.eval()
@@ -221,7 +239,11 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
         epoch_batches(task.n_train, args.batch_size, args.seed, e, args.max_steps_per_epoch)
         for e in range(1, args.epochs + 1)
     ]
+    if args.distributed:  # each rank takes its share of every batch (too small a last batch is dropped)
+        least = args.world_size * args.sub_batches
+        schedules = [[b.tensor_split(args.world_size)[args.rank] for b in bs if len(b) >= least] for bs in schedules]
     total_steps = sum(len(b) for b in schedules)
+    reduce = _mean_over_ranks if args.distributed else None
     record = dict(hyperparameters=dict(hp), initial_metric=initial, epochs=[])
     elapsed = 0.0
     with tqdm(total=total_steps, desc=f"{name:>5}", disable=not show_progress, dynamic_ncols=True, leave=True) as bar:
@@ -230,7 +252,7 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
             _sync(task.device)
             t0 = time.perf_counter()
             try:
-                loss = train_epoch(model, opt, task.loss_fn, data, progress=bar)
+                loss = train_epoch(train_model, opt, task.loss_fn, data, bar, reduce)
             except FloatingPointError as e:  # a result, not a crash: record it and go on with the next optimizer
                 record.update(diverged=True, diverged_at_epoch=epoch, error=str(e))
                 break
@@ -255,6 +277,27 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
         record["backend"] = getattr(opt, "backend", None)
         record["mode"] = args.badm_mode
     return record, model
+
+
+def _init_distributed(args, parser) -> None:
+    """``--distributed``: join the torchrun job (gloo on CPU, NCCL on CUDA, one GPU per local rank)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        parser.error("--distributed runs under torchrun: torchrun --nproc_per_node=N -m badm_fast.train --distributed")
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(args.device))
+    _dist.init_process_group("nccl" if cuda else "gloo")
+    args.rank, args.world_size = _dist.get_rank(), _dist.get_world_size()
+
+
+def _mean_over_ranks(loss: float, n: int) -> tuple[float, int]:
+    """A step's mean loss and sample count over all ranks (every rank gets the same values)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if _dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([loss * n, float(n)], dtype=torch.float64, device=device)
+    _dist.all_reduce(t)
+    total, count = t.tolist()
+    return total / max(count, 1.0), int(count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, default=None, help="use at most N training and N test examples")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap the optimizer steps of an epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-optimizer lines")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run under torchrun (torchrun --nproc_per_node=N -m badm_fast.train --distributed ...): every batch "
+        "is split across the ranks, BADM aggregates the sub-batches of all ranks (--sub-batches per rank), the "
+        "other optimizers run under DistributedDataParallel; rank 0 writes the outputs",
+    )
     g = p.add_argument_group("hyperparameters (default: per task, see badm_fast/tasks.py)")
     g.add_argument("--sgd-lr", type=float)
     g.add_argument("--sgd-momentum", type=float)
@@ -384,8 +434,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     task_cls = _tasks.TASKS[args.task]
     hps = _resolve(args, parser, task_cls)
+    args.rank, args.world_size = 0, 1
+    if args.distributed:
+        _init_distributed(args, parser)
+    lead = args.rank == 0  # the rank that writes and prints
     out = Path(args.out if args.out is not None else Path("runs") / args.task)
-    _check_out_dir(out, args.overwrite, parser)
+    if lead:
+        _check_out_dir(out, args.overwrite, parser)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -401,11 +456,12 @@ def main(argv=None) -> int:
         parser.error(str(e))
     if "badm" in args.optimizer_list and args.batch_size == 0 and task.n_train < args.sub_batches:
         parser.error(f"{task.n_train} training examples cannot fill {args.sub_batches} sub-batches")
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
     init_state = copy.deepcopy(task.build_model().state_dict())
-    config = {k: v for k, v in vars(args).items() if k not in ("optimizer_list",)}
+    config = {k: v for k, v in vars(args).items() if k not in ("optimizer_list", "rank")}
     config.update(out=str(out), optimizers=list(args.optimizer_list))
     results = dict(
         config=config,
@@ -414,11 +470,13 @@ def main(argv=None) -> int:
         metric=dict(name=task.metric, higher_is_better=task.higher_is_better),
         optimizers={},
     )
-    show_progress = not args.quiet and sys.stderr.isatty()
+    show_progress = lead and not args.quiet and sys.stderr.isatty()
     samples = {}
     for name in args.optimizer_list:
         record, model = run_optimizer(task, name, hps[name], args, init_state, show_progress)
         results["optimizers"][name] = record
+        if not lead:
+            continue
         if record["diverged"]:
             print(
                 f"badm-train: {name} diverged in epoch {record['diverged_at_epoch']}: {record['error']}",
@@ -435,6 +493,10 @@ def main(argv=None) -> int:
             )
         with atomic_open(out / "results.json") as f:  # after every optimizer: a long run keeps its progress
             json.dump(results, f, indent=2)
+    if args.distributed:
+        _dist.destroy_process_group()
+    if not lead:
+        return 0
 
     from badm_fast.plotting import plot_curves, plot_samples
 

@@ -464,6 +464,42 @@ def test_distributed(reports, scenario):
     assert not failures, "\n".join(f"rank {rank}, {scenario}:\n{why}" for rank, why in failures.items())
 
 
+def test_training_job_runs_distributed(tmp_path):
+    """``torchrun --nproc_per_node=2 -m badm_fast.train --distributed``: every batch is split
+    over the ranks; BADM (2 ranks x 2 sub-batches) and DDP + SGD follow the single-process run
+    (4 sub-batches) of the same job, and only rank 0 writes."""
+    if not HAVE_GLOO:
+        pytest.skip("torch.distributed with gloo is not available")
+    from badm_fast import train
+
+    job = ["--task", "digits", "--subset", "256", "--batch-size", "32", "--epochs", "2", "--optimizers", "badm,sgd"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    run = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
+    run += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "badm_fast.train", "--distributed"]
+    out = tmp_path / "distributed"
+    done = subprocess.run(
+        [*run, *job, "--sub-batches", "2", "--out", str(out), "--threads", "1", "--quiet"],
+        env=env, cwd=root, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.json"]
+    assert done.stdout.count("| badm |") == 1, "only rank 0 prints the summary"
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["distributed"] is True and res["config"]["world_size"] == 2
+
+    assert train.main([*job, "--sub-batches", "4", "--out", str(tmp_path / "single"), "--threads", "1", "--quiet"]) == 0
+    single = json.loads((tmp_path / "single" / "results.json").read_text())
+    for name in ("badm", "sgd"):
+        d, s = res["optimizers"][name]["epochs"], single["optimizers"][name]["epochs"]
+        assert len(d) == len(s) == 2
+        assert d[-1]["train_loss"] < d[0]["train_loss"]
+        for a, b in zip(d, s):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4), name
+            assert a["test_metric"] == pytest.approx(b["test_metric"], abs=1e-9), name
+
+
 def test_process_group_is_validated():
     model = _model()
     before = _params(model)
