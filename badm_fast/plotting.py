@@ -30,13 +30,15 @@ def plot_curves(results: dict, out: BinaryIO) -> None:
     """Writes the 2x2 learning curves of a ``results.json`` dictionary as PNG to ``out``.
 
     Panels: training loss and test metric against epochs (top), and against cumulative
-    training seconds (bottom); one line per optimizer.
+    training seconds (bottom); one line per optimizer. The metric panels start at the shared
+    initial weights (epoch 0) and are scaled to the values after the first tenth of training.
     """
     metric = results["metric"]["name"]
     label = METRIC_LABELS.get(metric, metric)
     fig = _figure(figsize=(11, 8), layout="constrained")
     axes = fig.subplots(2, 2)
     log_loss = True
+    late = []  # metric values after the first tenth of the epochs: the y range of the metric panels
     for name, run in results["optimizers"].items():
         epochs = [e["epoch"] for e in run["epochs"]]
         seconds = [e["time_s"] for e in run["epochs"]]
@@ -44,6 +46,7 @@ def plot_curves(results: dict, out: BinaryIO) -> None:
         value = [e["test_metric"] for e in run["epochs"]]
         # the metric of the shared initial weights, at epoch 0 / second 0
         m_epochs, m_seconds, m_value = [0, *epochs], [0.0, *seconds], [run["initial_metric"], *value]
+        late += value[len(value) // 10 :]
         if loss:
             log_loss = log_loss and min(loss) > 0 and max(loss) / min(loss) > 30  # log axis only for a wide range
         label_name = f"{name} (diverged)" if run.get("diverged") else name
@@ -61,6 +64,10 @@ def plot_curves(results: dict, out: BinaryIO) -> None:
             ax.legend()
         if log_loss:
             axes[row, 0].set_yscale("log")
+        if late:  # zoom on where the optimizers differ; the shared starting point may fall outside
+            lo, hi = min(late), max(late)
+            pad = 0.15 * (hi - lo) or 0.05 * abs(hi) or 0.05
+            axes[row, 1].set_ylim(lo - pad, hi + pad)
     cfg = results["config"]
     fig.suptitle(
         f"badm-train --task {cfg['task']}: {results['data']['n_train']} training examples, "
