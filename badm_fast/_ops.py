@@ -16,7 +16,11 @@ str backend) -> ()``
     0-dim device tensors, the step skipped when ``found_inf`` is non-zero, gradients multiplied
     by ``inv_scale``; back ends ``"triton"`` and ``"torch"``.
 
-Both mutate ``z``, ``duals`` and ``residuals`` in place and return nothing, so their fake
+``badm_fast::nonfinite_check(Tensor grads, Tensor(a!) found_inf, str backend) -> ()``
+    raises the skip flag when ``grads`` holds a NaN or an infinity
+    (:func:`badm_fast.capture.nonfinite_check_`; the Triton scan for ``"triton"``).
+
+The steps mutate ``z``, ``duals`` and ``residuals`` in place and return nothing, so their fake
 (meta) implementations do nothing: the shapes of the outputs are the inputs'. The back end is
 an argument rather than one op per back end because the kernels share one contract and the
 optimizer picks the back end once; one op keeps graphs and the fake implementation single.
@@ -34,12 +38,38 @@ mode it calls the kernels directly (no dispatcher round trip per step).
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import torch
 from torch import Tensor
 
 from . import backends
 
-__all__ = ["fused_step", "fused_step_capturable"]
+__all__ = ["fused_step", "fused_step_capturable", "nonfinite_check", "not_traced"]
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def not_traced(fn: _F) -> _F:
+    """Run ``fn`` outside any graph: under ``torch.compile`` Dynamo breaks the graph around the
+    call and runs it eagerly (host bookkeeping, host synchronisations, attribute writes on the
+    optimizer — Dynamo drops those when it traces them, pytorch/pytorch#171590). In eager mode
+    ``fn`` is called directly.
+
+    ``torch._disable_dynamo`` (what torch.optim uses for ``zero_grad``) rather than
+    ``torch.compiler.disable``: the latter imports ``torch._dynamo``, and with it Triton, when
+    the decorator runs, i.e. at ``import badm_fast``.
+    """
+    disabled = torch._disable_dynamo(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @torch.library.custom_op("badm_fast::fused_step", mutates_args=("z", "duals", "residuals"))
@@ -83,4 +113,17 @@ def fused_step_capturable(
 
 @fused_step_capturable.register_fake
 def _fused_step_capturable_fake(z, grads, duals, weights, rho, sigma, residuals, found_inf, inv_scale, backend) -> None:
+    return None
+
+
+@torch.library.custom_op("badm_fast::nonfinite_check", mutates_args=("found_inf",))
+def nonfinite_check(grads: Tensor, found_inf: Tensor, backend: str) -> None:
+    """Set ``found_inf`` to 1 when ``grads`` holds a NaN or an infinity (never clears it)."""
+    from .capture import nonfinite_check_
+
+    nonfinite_check_(grads, found_inf, backend)
+
+
+@nonfinite_check.register_fake
+def _nonfinite_check_fake(grads, found_inf, backend) -> None:
     return None

@@ -215,7 +215,8 @@ class DeviceState:
 
     def kernel_weights(self, dtype: torch.dtype, rows: int) -> torch.Tensor:
         """The weights the kernel reads, in its arithmetic ``dtype``: :attr:`alpha` for
-        ``rows == S > 1``, else ``[1.0]`` (one sub-batch, or the merged mode)."""
+        ``rows == S > 1``, else ``[1.0]`` (one sub-batch, or the merged mode); refreshed from
+        :attr:`alpha` when that changed."""
         key = (dtype, rows)
         w = self._kernel_weights.get(key)
         if w is None:
@@ -256,12 +257,20 @@ def state_of(opt: BADM) -> DeviceState:
     return st
 
 
-def step(opt: BADM, weights: Any, residuals: bool) -> None:
-    """One BADM step with every decision on the device (see the module docstring)."""
+@_ops.not_traced  # host bookkeeping: weights, hyperparameters, buffers (no synchronisation)
+def _prelude(opt: BADM, weights: Any) -> tuple[DeviceState, torch.Tensor | None]:
+    """The host side of :func:`step`: validation, host-to-device writes of changed values, the
+    buffers' bookkeeping and the step's metadata. Runs eagerly under ``torch.compile`` (one graph
+    break), so changing rho, sigma or the weights never recompiles the traced step."""
     from .optimizer import _check_rho_sigma
 
     for group in opt.param_groups:
         _check_rho_sigma(group["rho"], group["sigma"])
+    if getattr(opt, "found_inf", None) is not None and getattr(opt, "grad_scale", None) is None and opt._rows > 1:
+        raise RuntimeError(
+            "scaler.unscale_(opt) unscales only the .grad tensors, i.e. one sub-batch's row; with "
+            "sub_batches > 1 let scaler.step(opt) unscale all rows (do not call scaler.unscale_)"
+        )
     st = state_of(opt)
     invalid = None
     if opt.capturable and isinstance(weights, torch.Tensor) and weights.device == st.device:
@@ -282,20 +291,23 @@ def step(opt: BADM, weights: Any, residuals: bool) -> None:
         alpha, _ = opt._step_alpha(weights)  # validated on the host; merged mode: constant weights
         st.load_alpha(alpha)
     st.load_hyperparameters(opt.param_groups)
-    buffers = list(opt._all_buffers())
-    for buf in buffers:
-        buf.check_binding()
-        buf.adopt_assigned_grads()
-        buf.prepare_rows()
+    for buf in opt._all_buffers():
+        st.kernel_weights(compute_dtype(buf.dtype), buf.rows)
+    opt._prepare_buffers()
+    if opt.mode == "merged" and opt._merged_alpha is None and alpha is not None:
+        opt._merged_alpha = alpha
+    opt._last_alpha = alpha  # None for device weights: the state_dict then records none
+    opt._step_count += 1
+    return st, invalid
 
+
+def step(opt: BADM, weights: Any, residuals: bool) -> None:
+    """One BADM step with every decision on the device (see the module docstring)."""
+    st, invalid = _prelude(opt, weights)
+    buffers = list(opt._all_buffers())
     # The flag: GradScaler's found_inf, invalid device weights, non-finite gradients in any row.
     found_inf_in = getattr(opt, "found_inf", None)
     grad_scale = getattr(opt, "grad_scale", None)
-    if found_inf_in is not None and grad_scale is None and opt._rows > 1:
-        raise RuntimeError(
-            "scaler.unscale_(opt) unscales only the .grad tensors, i.e. one sub-batch's row; with "
-            "sub_batches > 1 let scaler.step(opt) unscale all rows (do not call scaler.unscale_)"
-        )
     check = found_inf_in is not None or opt.on_nonfinite != "ignore"
     flag = st.found_inf if (check or invalid is not None) else None
     inv = None
@@ -316,6 +328,8 @@ def step(opt: BADM, weights: Any, residuals: bool) -> None:
                 name = opt._kernels[buf.device.type][0]
                 if inv is not None and name != "triton":  # the separate pass: check and unscale in place
                     torch._amp_foreach_non_finite_check_and_unscale_([buf.grads], flag, inv)
+                elif torch.compiler.is_compiling():
+                    _ops.nonfinite_check(buf.grads, flag, name)
                 else:
                     nonfinite_check_(buf.grads, flag, name)
         for gi, bufs in enumerate(opt._buffers):
@@ -323,7 +337,7 @@ def step(opt: BADM, weights: Any, residuals: bool) -> None:
             for buf in bufs:
                 name = opt._kernels[buf.device.type][0]
                 kernel_inv = inv if name == "triton" else None  # else unscaled by the separate pass
-                w = st.kernel_weights(compute_dtype(buf.dtype), buf.rows)
+                w = st._kernel_weights[(compute_dtype(buf.dtype), buf.rows)]  # refreshed by _prelude
                 res = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals else None
                 for a, b in buf.active_runs():
                     args = (buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho_t, sigma_t, res, flag, kernel_inv)
@@ -336,11 +350,12 @@ def step(opt: BADM, weights: Any, residuals: bool) -> None:
                     sums = part if sums is None else sums + part
         if flag is not None:
             st.skipped.add_((flag != 0).sum())
-    if opt.mode == "merged" and opt._merged_alpha is None and alpha is not None:
-        opt._merged_alpha = alpha
-    opt._last_alpha = alpha  # None for device weights: the state_dict then records none
-    opt._step_count += 1
     if residuals:
-        if sums is None:
-            sums = torch.zeros(2, dtype=torch.float64, device=st.device)
-        opt.residuals = {"primal": sums[0].sqrt(), "dual": sums[1].sqrt()}
+        _set_residuals(opt, sums if sums is not None else torch.zeros(2, dtype=torch.float64, device=st.device))
+
+
+# Attribute writes on an Optimizer made in code Dynamo traces are dropped (torch 2.13, see
+# pytorch/pytorch#171590): the prelude and this run eagerly.
+@_ops.not_traced
+def _set_residuals(opt: BADM, sums: torch.Tensor) -> None:
+    opt.residuals = {"primal": sums[0].sqrt(), "dual": sums[1].sqrt()}

@@ -333,6 +333,15 @@ class BADM(Optimizer):
             )
         return alpha, [1.0]
 
+    @_ops.not_traced  # host bookkeeping (parameter data pointers, gradient-row flags)
+    def _prepare_buffers(self) -> None:
+        """Re-bind replaced parameters, adopt directly assigned gradients, zero stale rows."""
+        for buf in self._all_buffers():
+            buf.check_binding()
+            buf.adopt_assigned_grads()
+            buf.prepare_rows()
+
+    @_ops.not_traced  # synchronises with the host
     def _gradients_ok(self) -> bool:
         """Unscale (under GradScaler) and check the gradients of every row before any state
         changes. Returns False when the step must be skipped; raises for on_nonfinite="raise"."""
@@ -403,12 +412,9 @@ class BADM(Optimizer):
         alpha, kernel_alpha = self._step_alpha(weights)
         for group in self.param_groups:
             _check_rho_sigma(group["rho"], group["sigma"])
-        for buf in self._all_buffers():
-            buf.check_binding()
-            buf.adopt_assigned_grads()
-            buf.prepare_rows()
+        self._prepare_buffers()
         if not (self._gradients_ok() if self.process_group is None else distributed.gradients_ok(self)):
-            self.skipped_steps += 1
+            self._record_step(alpha, skipped=True)
             return loss
         sums = None  # [primal^2, dual^2]
         with torch.no_grad():
@@ -431,6 +437,22 @@ class BADM(Optimizer):
                     if residuals:
                         part = res * res.new_tensor([1.0, sigma * sigma])
                         sums = part if sums is None else sums + part.to(sums.device)
+        self._record_step(alpha, sums, residuals)
+        return loss
+
+    # Attribute writes on an Optimizer made in code Dynamo traces are dropped (torch 2.13; see
+    # pytorch/pytorch#171590), so the step's bookkeeping always runs eagerly.
+    @_ops.not_traced
+    def _record_step(
+        self,
+        alpha: list[float] | None,
+        sums: torch.Tensor | None = None,
+        residuals: bool = False,
+        skipped: bool = False,
+    ) -> None:
+        if skipped:
+            self.skipped_steps += 1
+            return
         if self.mode == "merged" and self._merged_alpha is None:
             self._merged_alpha = alpha
         self._last_alpha = alpha
@@ -438,7 +460,6 @@ class BADM(Optimizer):
         if residuals:
             sums = torch.zeros(2, dtype=torch.float64) if sums is None else sums
             self.residuals = {"primal": sums[0].sqrt(), "dual": sums[1].sqrt()}
-        return loss
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
