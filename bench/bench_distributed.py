@@ -148,6 +148,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             "n_params": n_params,
             "payload_elements": payload.numel(),
             "payload_bytes": payload.numel() * payload.element_size(),
+            "backend": cases["badm"][1].backend,
             "times": times,
             "machine": bc.machine_info("cpu"),
         }
@@ -192,12 +193,29 @@ def _table(result: dict) -> str:
     )
 
 
+def _summary(result: dict) -> str:
+    """Two sentences computed from the medians: where BADM's extra time per iteration goes."""
+    t = result["times"]
+    med = {k: {part: (_stats(v[part]).median * 1e3 if v[part] else None) for part in v} for k, v in t.items()}
+    badm, ddp, alone = med["badm"], med["ddp + sgd"], med["all-reduce alone"]["allreduce"]
+    extra = badm["iter"] - ddp["iter"]
+    return (
+        f"Median iteration: BADM {badm['iter']:.0f} ms, DDP + SGD {ddp['iter']:.0f} ms ({extra:+.0f} ms, "
+        f"{100 * extra / ddp['iter']:+.0f}%). BADM's payload all-reduce ({badm['allreduce']:.0f} ms inside the step, "
+        f"including the wait for the slower rank; {alone:.0f} ms alone) runs after the backward pass, because the "
+        "weighted contributions need this step's weights and every sub-batch's gradient; DDP overlaps the same "
+        "bytes with its backward pass. "
+        f"Without communication the BADM step takes {med['badm, 1 process']['step']:.0f} ms; in the distributed "
+        "step it also zeroes the payload and adds it to the weights (two more passes over P)."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=2048, help="hidden width of the MLP (default 2048: 8.4M parameters)")
     p.add_argument("--batch", type=int, default=64, help="samples per rank and step")
-    p.add_argument("--steps", type=int, default=10, help="timed iterations per case and round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over the cases")
+    p.add_argument("--steps", type=int, default=2, help="timed iterations per case and round")
+    p.add_argument("--rounds", type=int, default=20, help="rounds over the cases (they alternate: drift hits all)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // WORLD), help="threads per process")
     p.add_argument("--quick", action="store_true", help="a few iterations; print, write nothing")
@@ -247,11 +265,14 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"{mach['date']}, commit {mach['commit']}, {mach['cpu']} ({mach['cores']} cores), torch {mach['torch']}, "
             f"{args.threads} thread(s) per process, load average {mach['load']}.",
-            f"MLP with {result['n_params'] / 1e6:.1f}M fp32 parameters, batch {args.batch} per rank; BADM payload "
+            f"MLP with {result['n_params'] / 1e6:.1f}M fp32 parameters, batch {args.batch} per rank; BADM back end "
+            f"{result['backend']!r}, payload "
             f"{result['payload_bytes'] / 2**20:.1f} MiB per step (the same bytes as DDP's gradient all-reduce, "
             "plus a 16-element tail and 2 elements per parameter tensor).",
             "",
             table,
+            "",
+            _summary(result),
             "",
             "An iteration is zero_grad + forward + backward + opt.step(). `ms opt.step()`: the optimizer step "
             "alone (for BADM: the agreement on non-finite gradients, the kernel and the payload all-reduce; for "
