@@ -115,7 +115,7 @@ def nonfinite_check_(grads: torch.Tensor, found_inf: torch.Tensor, backend: str)
         badm_nonfinite_check(grads, found_inf)
         return
     lo, hi = torch.aminmax(grads)  # NaN propagates; +-inf shows in one of them
-    bad = ~torch.isfinite(torch.stack((lo, hi)).to(torch.float32)).all()
+    bad = ~torch.isfinite(torch.stack((lo, hi))).all()
     found_inf.copy_(torch.maximum(found_inf, bad.to(found_inf.dtype)))
 
 
