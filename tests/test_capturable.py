@@ -371,7 +371,9 @@ def test_fused_amp_path_without_capturable_mode(monkeypatch):
     a, b = _model(), _model()
     opt_a = badm_fast.BADM(a.parameters(), sub_batches=3, rho=2.0, sigma=4.0, backend="torch")
     opt_b = badm_fast.BADM(b.parameters(), sub_batches=3, rho=2.0, sigma=4.0, backend="triton")
-    monkeypatch.setattr(capture, "uses_fused_amp", lambda opt: opt is opt_b and getattr(opt, "grad_scale", None) is not None)
+    monkeypatch.setattr(
+        capture, "uses_fused_amp", lambda opt: opt is opt_b and getattr(opt, "grad_scale", None) is not None
+    )
     scaler_a = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     scaler_b = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     for step in range(3):
