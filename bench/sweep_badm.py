@@ -34,10 +34,10 @@ from badm_fast import train
 # whole default sweep takes about 10 minutes on 2 CPU cores.
 SWEEPS = {
     "digits": (["--epochs", "15"], [1, 2, 5, 10], [0.0, 0.5, 0.9], [0, 1]),
-    "fashion-mnist": (["--subset", "6000", "--epochs", "2"], [1, 2, 5, 10], [0.5, 0.9], [0]),
-    "graph": ([], [0.5, 1, 2, 5, 10], [0.0, 0.5, 0.9], [0, 1, 2]),
+    "fashion-mnist": (["--subset", "6000", "--epochs", "2"], [0.5, 1, 2, 5], [0.5, 0.9], [0]),
+    "graph": ([], [0.2, 0.5, 1, 2, 5], [0.0, 0.5, 0.9], [0, 1, 2]),
     "generate": (["--epochs", "10"], [2, 5, 10, 20], [0.0, 0.5, 0.9], [0]),
-    "charlm": (["--subset", "1500", "--epochs", "2"], [0.2, 0.5, 1, 2], [0.5, 0.9], [0]),
+    "charlm": (["--subset", "3000", "--epochs", "2"], [0.1, 0.2, 0.5, 1], [0.5, 0.9], [0]),
 }
 
 
