@@ -312,10 +312,10 @@ def step(opt: BADM, weights: Any, residuals: bool) -> None:
     flag = st.found_inf if (check or invalid is not None) else None
     inv = None
     if flag is not None:
-        if found_inf_in is not None:
+        if isinstance(found_inf_in, torch.Tensor):
             flag.copy_(found_inf_in.reshape(1))
-        else:
-            flag.zero_()
+        else:  # None, or GradScaler's sum over no device (no .grad was set): the int 0
+            flag.fill_(float(found_inf_in or 0))
         if invalid is not None:
             flag.copy_(torch.maximum(flag, invalid.to(flag.dtype)))
     if grad_scale is not None:

@@ -11,6 +11,11 @@ built once into build/gpu_check_ext with torch.utils.cpp_extension.load, -O3). I
    (tests/parity.py ``check_kernel``) for every dtype, odd sizes, padded rows, residuals on;
    the Triton kernel with hyperparameters in device tensors; a CUDA-graph capture and replay of
    each back end; one step beyond 2**31 elements (64-bit offsets; skipped by ``--quick``).
+   Optimizer level: ``BADM(capturable=True).step`` captured in a CUDA graph and replayed
+   (changing rho, sigma and the weights between replays, a non-finite gradient skipped on the
+   device) against eager steps; ``torch.compile`` (inductor) of a training step with
+   ``opt.step()`` inside against eager, the fused step a ``badm_fast::fused_step`` node of the
+   graph; ``torch.amp.GradScaler`` with forced infinities (state untouched, steps counted).
 2. copy bandwidth: ``dst.copy_(src)`` of a 1 GiB buffer, read + write bytes over the median time.
 3. step time, CUDA events, warm-up then the median of ``--reps`` (>= 20) timed calls, for
    P in {16M, 256M} and S in {1, 4, 8} (fp32 and bf16 parameters) for the ``triton``, ``cuda``
@@ -324,6 +329,240 @@ def run_checks(ctx, report, quick):
 
 def _dt(dtype):
     return str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer-level checks: CUDA-graph capture of a capturable BADM step, torch.compile of a
+# training step, GradScaler with forced infinities. A small MLP, S = 3 (S = 1 for compile).
+# --------------------------------------------------------------------------------------------
+
+
+def _mlp(torch, device, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10)).to(device)
+
+
+def _batch(torch, device, step, n=96):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 64, generator=gen).to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
+
+
+def _backward(torch, model, opt, x, y, scale=None):
+    opt.zero_grad()
+    for s, (xs, ys) in enumerate(zip(x.chunk(opt.sub_batches), y.chunk(opt.sub_batches))):
+        with opt.sub_batch(s):
+            loss = torch.nn.functional.cross_entropy(model(xs), ys)
+            (loss if scale is None else scale(loss)).backward()
+
+
+def _opt_state(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    return params + [opt.state[p]["duals"].clone() for p in model.parameters()]
+
+
+def _max_diff(a, b):
+    return max((float((u.double() - v.double()).abs().max()) for u, v in zip(a, b) if u.numel()), default=0.0)
+
+
+def _opt_check(report, name, backend, ok, note, S=3):
+    report.add(
+        kind="check", note_name=name, backend=backend, dtype="float32", S=S, status="ok" if ok else "FAIL", note=note
+    )
+
+
+def check_optimizer_capture(ctx, report, backend):
+    """BADM(capturable=True).step captured once in a CUDA graph and replayed for 5 steps, against
+    an eager capturable twin: rho/sigma and the weights change between replays (device tensors),
+    and a step with an infinite gradient in sub-batch 1 is skipped on the device. On CPU (smoke)
+    the replays are eager calls."""
+    torch, dev = ctx.torch, ctx.device
+    BADM = ctx.badm_fast.BADM
+    name = "BADM(capturable) step, CUDA graph replays" if dev == "cuda" else "BADM(capturable) step (no graph: CPU)"
+    try:
+        if backend not in ctx.badm_fast.backends.CAPTURABLE:
+            try:
+                BADM(_mlp(torch, dev).parameters(), backend=backend, capturable=True)
+            except ctx.badm_fast.BackendUnavailable as exc:
+                _opt_check(report, name, backend, True, f"refused as designed: {str(exc)[:120]}")
+                return
+            raise AssertionError(f"capturable=True accepted backend {backend!r}, whose kernel takes host floats")
+        g_model, e_model = _mlp(torch, dev), _mlp(torch, dev)
+        kw = dict(sub_batches=3, rho=1.0, sigma=4.0, backend=backend, capturable=True)
+        opt_g, opt_e = BADM(g_model.parameters(), **kw), BADM(e_model.parameters(), **kw)
+        w = torch.tensor([1.0, 2.0, 3.0], device=dev)  # the graph reads it at each replay
+        graph, worst, skipped_ok = None, 0.0, True
+        for step in range(6):
+            x, y = _batch(torch, dev, step)
+            _backward(torch, g_model, opt_g, x, y)
+            _backward(torch, e_model, opt_e, x, y)
+            if step == 3:  # new hyperparameters and weights, written outside the graph
+                for o in (opt_g, opt_e):
+                    o.param_groups[0].update(rho=2.5, sigma=5.0)
+                opt_g.device_state.load_hyperparameters(opt_g.param_groups)
+                w.copy_(torch.tensor([3.0, 1.0, 1.0]))
+            if step == 4:  # skipped on the device by both
+                for o in (opt_g, opt_e):
+                    o._buffers[0][0].grads[1, 7] = float("inf")
+                before = _opt_state(g_model, opt_g)
+            opt_e.step(weights=w, residuals=True)
+            if step == 0 or dev != "cuda":  # warm-up (compiles the kernels) on a side stream
+                if dev == "cuda":
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        opt_g.step(weights=w, residuals=True)
+                    torch.cuda.current_stream().wait_stream(side)
+                else:
+                    opt_g.step(weights=w, residuals=True)
+            else:
+                if graph is None:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        opt_g.step(weights=w, residuals=True)
+                graph.replay()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            state_g = _opt_state(g_model, opt_g)
+            worst = max(worst, _max_diff(state_g, _opt_state(e_model, opt_e)))
+            if step == 4:
+                skipped_ok = _max_diff(state_g, before) == 0.0
+        res = _max_diff(
+            [opt_g.residuals["primal"], opt_g.residuals["dual"]], [opt_e.residuals["primal"], opt_e.residuals["dual"]]
+        )
+        counts = (int(opt_g.skipped_steps_tensor), int(opt_e.skipped_steps_tensor))
+        ok = worst <= 1e-6 and skipped_ok and counts == (1, 1) and res <= 1e-6 * (1 + float(opt_e.residuals["dual"]))
+        _opt_check(
+            report,
+            name,
+            backend,
+            ok,
+            f"max |graph - eager| {worst:.1e} over 6 steps (weights/rho/sigma changed, 1 inf skipped: "
+            f"state untouched {skipped_ok}, device counters {counts}); residuals diff {res:.1e}",
+        )
+    except Exception as exc:  # noqa: BLE001
+        _opt_check(report, name, backend, False, _short(exc))
+        if os.environ.get("GPU_CHECK_TRACEBACK"):
+            traceback.print_exc()
+    finally:
+        ctx.free()
+
+
+def check_compiled_training_step(ctx, report):
+    """torch.compile (inductor on CUDA, aot_eager on CPU) of zero_grad/forward/backward/opt.step()
+    on an MLP, S = 1, backend "auto", 3 steps against eager; the fused step must be a
+    ``badm_fast::fused_step`` node of a captured graph."""
+    torch, dev = ctx.torch, ctx.device
+    compiler = "inductor" if dev == "cuda" else "aot_eager"
+    name = f"torch.compile({compiler}) training step"
+    backend = "auto"
+    try:
+        torch._dynamo.reset()
+        model, twin = _mlp(torch, dev), _mlp(torch, dev)
+        opt = ctx.badm_fast.BADM(model.parameters(), rho=1.0, sigma=4.0)
+        opt_twin = ctx.badm_fast.BADM(twin.parameters(), rho=1.0, sigma=4.0)
+        backend = opt.backend
+        graphs = []
+
+        def recording(gm, example_inputs):
+            graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+            return torch._dynamo.backends.registry.lookup_backend(compiler)(gm, example_inputs)
+
+        def make(m, o):
+            def train_step(x, y):
+                o.zero_grad()
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                o.step()
+                return loss
+
+            return train_step
+
+        compiled, eager = torch.compile(make(model, opt), backend=recording), make(twin, opt_twin)
+        t0 = time.perf_counter()
+        loss_diff = 0.0
+        for step in range(3):
+            x, y = _batch(torch, dev, step)
+            loss_diff = max(loss_diff, abs(float(compiled(x, y)) - float(eager(x, y))))
+        seconds = time.perf_counter() - t0
+        diff = _max_diff(_opt_state(model, opt), _opt_state(twin, opt_twin))
+        in_graph = any("badm_fast.fused_step.default" in g for g in graphs)
+        # Inductor fuses and reorders float ops of the forward and backward: a few fp32 ulps per
+        # op; three steps of size 1/sigma = 0.25 keep the difference far below 1e-4.
+        ok = in_graph and diff <= 1e-4 and loss_diff <= 1e-4 and opt._step_count == 3
+        _opt_check(
+            report,
+            name,
+            backend,
+            ok,
+            f"max |compiled - eager| {diff:.1e} (weights, duals), {loss_diff:.1e} (loss); fused_step node in graph: "
+            f"{in_graph}; {len(graphs)} graphs, {seconds:.0f} s with compilation",
+            S=1,
+        )
+    except Exception as exc:  # noqa: BLE001
+        _opt_check(report, name, backend, False, _short(exc), S=1)
+        if os.environ.get("GPU_CHECK_TRACEBACK"):
+            traceback.print_exc()
+    finally:
+        torch._dynamo.reset()
+        ctx.free()
+
+
+def check_grad_scaler(ctx, report, backend):
+    """GradScaler over 5 steps against an unscaled twin (power-of-two scales: equal). Step 2: an
+    infinity in the last sub-batch's row (the .grad GradScaler checks: the scale halves); step 3: a
+    NaN in row 0 (seen only by BADM's check of every row). Both steps are skipped with the state
+    untouched, then redone. With the Triton back end on CUDA the unscale runs inside the fused
+    pass and the skips are counted on the device (skipped_steps_tensor)."""
+    torch, dev = ctx.torch, ctx.device
+    name = "GradScaler, forced inf/NaN skipped"
+    try:
+        a, b = _mlp(torch, dev), _mlp(torch, dev)
+        kw = dict(sub_batches=3, rho=2.0, sigma=4.0, backend=backend)
+        opt_a, opt_b = ctx.badm_fast.BADM(a.parameters(), **kw), ctx.badm_fast.BADM(b.parameters(), **kw)
+        scaler = torch.amp.GradScaler(dev, init_scale=2.0**12, growth_interval=1000)
+        untouched, worst = True, 0.0
+        for step in range(5):
+            x, y = _batch(torch, dev, step)
+            _backward(torch, a, opt_a, x, y)
+            opt_a.step()
+            for attempt in range(2 if step in (2, 3) else 1):
+                _backward(torch, b, opt_b, x, y, scale=scaler.scale)
+                if attempt == 0 and step in (2, 3):
+                    row, bad = (2, float("inf")) if step == 2 else (0, float("nan"))
+                    opt_b._buffers[0][0].grads[row, 11] = bad
+                    before = _opt_state(b, opt_b)
+                scaler.step(opt_b)
+                scaler.update()
+                if attempt == 0 and step in (2, 3):
+                    untouched = untouched and _max_diff(before, _opt_state(b, opt_b)) == 0.0
+            worst = max(worst, _max_diff(_opt_state(a, opt_a), _opt_state(b, opt_b)))
+        skipped = opt_b.skipped_steps + int(opt_b.skipped_steps_tensor)
+        scale = scaler.get_scale()
+        ok = untouched and skipped == 2 and scale == 2.0**11 and worst <= 1e-6
+        where = "device" if int(opt_b.skipped_steps_tensor) else "host"
+        _opt_check(
+            report,
+            name,
+            backend,
+            ok,
+            f"state untouched {untouched}; {skipped} skips counted on the {where}; scale 2**12 -> {scale:g}; "
+            f"max |scaled - unscaled run| {worst:.1e}",
+        )
+    except Exception as exc:  # noqa: BLE001
+        _opt_check(report, name, backend, False, _short(exc))
+        if os.environ.get("GPU_CHECK_TRACEBACK"):
+            traceback.print_exc()
+    finally:
+        ctx.free()
+
+
+def run_optimizer_checks(ctx, report, ext_name):
+    available = [n for n in ("triton", ext_name) if ctx.kernels.get(n) is not None]
+    for backend in available + ["torch"]:
+        check_optimizer_capture(ctx, report, backend)
+    for backend in available:
+        check_grad_scaler(ctx, report, backend)
+    check_compiled_training_step(ctx, report)
 
 
 def check_tensor_hypers(ctx, report):
@@ -690,6 +929,7 @@ def main(argv=None):
     badm_fast, kernels, parity = import_project()
     ctx = Context(torch, parity, device, log)
     ctx.kernels_pkg = kernels
+    ctx.badm_fast = badm_fast
     report = Report()
 
     try:
@@ -734,6 +974,8 @@ def main(argv=None):
     # 1. correctness
     log("correctness checks ...")
     run_checks(ctx, report, args.quick or args.cpu_smoke)
+    log("optimizer checks (CUDA-graph capture, torch.compile, GradScaler) ...")
+    run_optimizer_checks(ctx, report, ext_name)
     for r in report.rows:
         log(f"  {r['note_name']:<36} {r['backend']:<7} {r['dtype']:<9} {r['status']} {r['note']}")
 
