@@ -482,7 +482,7 @@ def check_compiled_training_step(ctx, report):
         loss_diff = 0.0
         for step in range(3):
             x, y = _batch(torch, dev, step)
-            loss_diff = max(loss_diff, abs(float(compiled(x, y)) - float(eager(x, y))))
+            loss_diff = max(loss_diff, abs(float(compiled(x, y).detach()) - float(eager(x, y).detach())))
         seconds = time.perf_counter() - t0
         diff = _max_diff(_opt_state(model, opt), _opt_state(twin, opt_twin))
         in_graph = any("badm_fast.fused_step.default" in g for g in graphs)
