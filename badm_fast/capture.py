@@ -156,6 +156,10 @@ class DeviceState:
         """Write rho/sigma of ``groups`` into the device tensors where they changed (``fill_``,
         asynchronous). Refused during capture when a value changed: the graph would replay the
         write and pin the value; call this (or an eager ``step()``) before capturing instead."""
+        from .optimizer import _check_rho_sigma
+
+        for group in groups:
+            _check_rho_sigma(group["rho"], group["sigma"])
         while len(self.rho) < len(groups):
             self.rho.append(torch.zeros((), dtype=torch.float64, device=self.device))
             self.sigma.append(torch.ones((), dtype=torch.float64, device=self.device))

@@ -408,6 +408,8 @@ def test_writes_that_a_capture_would_replay_are_refused(monkeypatch):
     _assert_equal_state(before, _state(model, opt))
     # Values written before the capture are fine: the capture reads them from the device.
     monkeypatch.setattr(capture, "_capturing", lambda device: False)
+    with pytest.raises(ValueError, match="Invalid sigma: 0.0"):
+        opt.device_state.load_hyperparameters([{"rho": 3.0, "sigma": 0.0}])
     opt.device_state.load_hyperparameters(opt.param_groups)
     monkeypatch.setattr(capture, "_capturing", lambda device: True)
     opt.step(weights=torch.tensor([1.0, 1.0, 1.0]))
