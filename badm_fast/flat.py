@@ -41,6 +41,7 @@ class FlatBuffer:
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.rows = rows
+        self.shapes = [p.shape for p in params]  # as at construction: views keep them
         self.numels = [p.numel() for p in params]
         self.offsets = []
         total = 0
@@ -55,6 +56,8 @@ class FlatBuffer:
         with torch.no_grad():
             for p, off, n in zip(self.params, self.offsets, self.numels):
                 self.z[off : off + n].copy_(p.detach().reshape(-1))
+        # The parameters' own tensors, kept until the optimizer's construction has succeeded.
+        self.originals: list[torch.Tensor] | None = [p.data for p in self.params]
         for i, p in enumerate(self.params):
             p.data = self.param_view(i)
         self._grad_views = [[self._row_view(r, i) for i in range(len(params))] for r in range(rows)]
@@ -68,17 +71,17 @@ class FlatBuffer:
         return slice(self.offsets[i], self.offsets[i] + self.numels[i])
 
     def param_view(self, i: int) -> torch.Tensor:
-        return self.z[self._segment(i)].view(self.params[i].shape)
+        return self.z[self._segment(i)].view(self.shapes[i])
 
     def _row_view(self, r: int, i: int) -> torch.Tensor:
-        return self.grads[r, self._segment(i)].view(self.params[i].shape)
+        return self.grads[r, self._segment(i)].view(self.shapes[i])
 
     def grad_view(self, r: int, i: int) -> torch.Tensor:
         return self._grad_views[r][i]
 
     def dual_view(self, i: int) -> torch.Tensor:
         """Duals of parameter ``i``: shape ``(rows, *param.shape)``, a view into ``duals``."""
-        return self.duals[:, self._segment(i)].view(self.rows, *self.params[i].shape)
+        return self.duals[:, self._segment(i)].view(self.rows, *self.shapes[i])
 
     # -- bookkeeping ---------------------------------------------------------------------
     def check_binding(self) -> None:
@@ -124,10 +127,12 @@ class FlatBuffer:
         else:
             self.write_grad(r, i, g)
 
-    def write_grad(self, r: int, i: int, g: torch.Tensor) -> None:
-        """Set the gradient of parameter ``i`` in row ``r`` to ``g`` and point ``p.grad`` at it."""
+    def check_grad(self, i: int, g: torch.Tensor) -> None:
+        """Raise unless ``g`` can be the gradient of parameter ``i``."""
         p = self.params[i]
         self._check_param(i, adopt=False)
+        if not isinstance(g, torch.Tensor):
+            raise ValueError(f"gradient of parameter {i} must be a tensor, got {type(g).__name__}")
         if g.is_sparse:
             raise RuntimeError(
                 f"BADM does not support sparse gradients (parameter {i}, shape {tuple(p.shape)}); "
@@ -135,6 +140,11 @@ class FlatBuffer:
             )
         if tuple(g.shape) != tuple(p.shape):
             raise ValueError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+
+    def write_grad(self, r: int, i: int, g: torch.Tensor) -> None:
+        """Set the gradient of parameter ``i`` in row ``r`` to ``g`` and point ``p.grad`` at it."""
+        self.check_grad(i, g)
+        p = self.params[i]
         if self.stale[r]:
             self.grads[r].zero_()
             self.stale[r] = False
@@ -172,6 +182,14 @@ class FlatBuffer:
             self.touched = [[True] * len(self.params) for _ in range(self.rows)]
             for p, view in zip(self.params, self._grad_views[0]):
                 p.grad = view
+
+    def release(self) -> None:
+        """Give every parameter its own tensor back (a construction that failed half-way)."""
+        for i, p in enumerate(self.params):
+            if p.grad is not None and any(p.grad is views[i] for views in self._grad_views):
+                p.grad = None
+            if p.data_ptr() == self.param_view(i).data_ptr():
+                p.data = self.originals[i] if self.originals is not None else self.param_view(i).clone()
 
     def prepare_rows(self) -> None:
         """Zero stale rows (sub-batches that got no backward pass: their gradient is zero)."""

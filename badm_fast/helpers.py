@@ -44,10 +44,11 @@ def split_step(
     mean loss of the samples it is given. In ``mode="merged"`` the whole batch takes one
     forward and backward pass (the exact fast path).
     """
-    opt.zero_grad(set_to_none=True)
     n = targets.shape[0]
     if n == 0:
         raise ValueError("split_step got an empty batch")
+    parts = split_batch(inputs, targets, opt.sub_batches)  # checks the sizes before anything changes
+    opt.zero_grad(set_to_none=True)
     if opt.mode == "merged":
         loss = loss_fn(model(*_as_tuple(inputs)), targets)
         loss.backward()
@@ -55,7 +56,7 @@ def split_step(
         return loss.detach()
     total = None
     sizes = []
-    for s, (xs, ys) in enumerate(split_batch(inputs, targets, opt.sub_batches)):
+    for s, (xs, ys) in enumerate(parts):
         sizes.append(ys.shape[0])
         if ys.shape[0] == 0:
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any, Callable
 
 import torch
@@ -40,7 +40,11 @@ def normalize_weights(weights: Any, sub_batches: int) -> list[float]:
     if isinstance(weights, torch.Tensor):
         if weights.dim() != 1:
             raise ValueError(f"weights must be 1-D, got shape {tuple(weights.shape)}")
+        if weights.is_complex():
+            raise ValueError(f"weights must be real numbers, got a {weights.dtype} tensor")
         weights = weights.detach().cpu().double().tolist()
+    if isinstance(weights, (str, bytes, Mapping, Set)):  # iterable, but not a sequence of weights
+        raise ValueError(f"weights must be a sequence of {sub_batches} numbers, got {weights!r}")
     try:
         w = [float(x) for x in weights]
     except (TypeError, ValueError):
@@ -51,9 +55,11 @@ def normalize_weights(weights: Any, sub_batches: int) -> list[float]:
         raise ValueError(f"weights must be finite, got {w}")
     if any(x < 0 for x in w):
         raise ValueError(f"weights must be >= 0, got {w}")
-    total = sum(w)
-    if total <= 0:
+    top = max(w)
+    if top <= 0:
         raise ValueError(f"weights must not all be zero, got {w}")
+    w = [x / top for x in w]  # first scale to [0, 1]: the sum of huge weights must not overflow
+    total = sum(w)
     return [x / total for x in w]
 
 
@@ -178,12 +184,21 @@ class BADM(Optimizer):
         self._last_alpha: list[float] | None = None
         self._weights_cache: dict[tuple, torch.Tensor] = {}
         self._hook_handles: list[Any] = []
+        self._detached_grads: dict[int, Any] = {}  # .grad set aside by a stray backward pass (see _make_guard)
+        self._constructing = True  # add_param_group keeps the parameters' own tensors until __init__ ends
         self.residuals: dict[str, torch.Tensor] | None = None
-        super().__init__(params, dict(rho=rho, sigma=sigma))
-        if process_group is not None:  # same layout and weights on every rank, or RuntimeError on all
-            distributed.check_replicas(self)
-        if capturable:  # allocated now: tensors created during a capture would be reset by every replay
-            capture.state_of(self)
+        try:
+            super().__init__(params, dict(rho=rho, sigma=sigma))
+            if process_group is not None:  # same layout and weights on every rank, or RuntimeError on all
+                distributed.check_replicas(self)
+            if capturable:  # allocated now: tensors created during a capture would be reset by every replay
+                capture.state_of(self)
+        except BaseException:
+            self._release()  # the parameters of groups built so far get their own tensors back
+            raise
+        self._constructing = False
+        for buf in self._all_buffers():
+            buf.originals = None
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -203,10 +218,22 @@ class BADM(Optimizer):
         if len(self.param_groups) == n_before:  # pragma: no cover - base class raised
             return
         try:
-            self._buffers.append(self._build_buffers(self.param_groups[-1]))
+            bufs = self._build_buffers(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()
             raise
+        self._buffers.append(bufs)
+        if not self._constructing:
+            for buf in bufs:
+                buf.originals = None
+
+    def _release(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        for buf in self._all_buffers():
+            buf.release()
+        self._buffers.clear()
 
     def _build_buffers(self, group: dict[str, Any]) -> list[FlatBuffer]:
         buckets: dict[tuple, list[torch.Tensor]] = {}
@@ -228,7 +255,21 @@ class BADM(Optimizer):
             for i, p in enumerate(buf.params):
                 self.state[p] = {"duals": buf.dual_view(i)}
                 self._hook_handles.append(p.register_post_accumulate_grad_hook(self._make_hook(buf, i)))
+                if self._rows > 1:
+                    self._hook_handles.append(p.register_hook(self._make_guard(p)))
         return bufs
+
+    def _make_guard(self, param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        """A backward pass outside any sub-batch context (with several rows) must not accumulate
+        into the row ``p.grad`` still points at: this hook runs before accumulation and detaches
+        ``p.grad``, so autograd makes a fresh tensor, and the post-accumulate hook raises."""
+
+        def guard(grad: torch.Tensor) -> None:
+            if self._active_row is None:
+                self._detached_grads[id(param)] = param.grad
+                param.grad = None
+
+        return guard
 
     def _make_hook(self, buf: FlatBuffer, i: int) -> Callable[[torch.Tensor], None]:
         param = buf.params[i]
@@ -239,6 +280,7 @@ class BADM(Optimizer):
             row = self._active_row
             if row is None:
                 if self._rows != 1:
+                    p.grad = self._detached_grads.pop(id(p), None)  # as before the backward pass
                     raise RuntimeError(
                         f"BADM(sub_batches={self.sub_batches}): run each sub-batch's backward pass inside "
                         "`with opt.sub_batch(s):` so its gradient lands in row s"
@@ -297,9 +339,11 @@ class BADM(Optimizer):
         if len(params) != len(grads):
             raise ValueError(f"got {len(params)} parameters but {len(grads)} gradients")
         where = {id(p): (buf, i) for buf in self._all_buffers() for i, p in enumerate(buf.params)}
-        for p in params:
+        for p, g in zip(params, grads):  # check everything before writing anything
             if id(p) not in where:
                 raise ValueError(f"parameter of shape {tuple(p.shape)} is not managed by this optimizer")
+            buf, i = where[id(p)]
+            buf.check_grad(i, g)
         for p, g in zip(params, grads):
             buf, i = where[id(p)]
             buf.write_grad(s, i, g)
@@ -354,7 +398,7 @@ class BADM(Optimizer):
                     "sub_batches > 1 let scaler.step(opt) unscale all rows (do not call scaler.unscale_)"
                 )
             inv = None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(1)
-            total = found_inf.double().sum().cpu()
+            total = torch.as_tensor(found_inf).double().sum().cpu()  # 0 when no .grad was set
             for buf in self._all_buffers():
                 flag = torch.zeros(1, dtype=torch.float32, device=buf.device)
                 scale = inv.to(buf.device) if inv is not None else torch.ones(1, device=buf.device)
@@ -402,16 +446,18 @@ class BADM(Optimizer):
                 :math:`\sigma \|z' - z\|` over all parameters; stored in :attr:`residuals`
                 as 0-dim float64 tensors on the parameters' device (no host synchronisation).
         """
+        on_device = self.capturable or capture.uses_fused_amp(self)  # decided on the device, no host sync
+        if not on_device:  # refuse invalid weights and hyperparameters before the closure's backward passes
+            alpha, kernel_alpha = self._step_alpha(weights)
+            for group in self.param_groups:
+                _check_rho_sigma(group["rho"], group["sigma"])
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.capturable or capture.uses_fused_amp(self):  # decided on the device, no host sync
+        if on_device:
             capture.step(self, weights, residuals)
             return loss
-        alpha, kernel_alpha = self._step_alpha(weights)
-        for group in self.param_groups:
-            _check_rho_sigma(group["rho"], group["sigma"])
         self._prepare_buffers()
         if not (self._gradients_ok() if self.process_group is None else distributed.gradients_ok(self)):
             self._record_step(alpha, skipped=True)
@@ -499,10 +545,26 @@ class BADM(Optimizer):
             raise ValueError("not a BADM state_dict (no 'badm' metadata)")
         meta = dict(meta)  # annotated below; the caller's dict stays as it was
         version = meta.get("version")
-        if not isinstance(version, int) or version > STATE_VERSION or version < 1:
+        if isinstance(version, bool) or not isinstance(version, int) or version > STATE_VERSION or version < 1:
             raise ValueError(f"unsupported BADM state version {version!r} (this badm_fast reads 1..{STATE_VERSION})")
         convert = self._dual_converter(meta)
-        saved_groups = state_dict["param_groups"]
+        step = meta.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state has an invalid step count {step!r}")
+        saved_alphas = {}
+        for key in ("merged_alpha", "alpha"):
+            value = meta.get(key)
+            try:
+                saved_alphas[key] = None if value is None else normalize_weights(value, meta["sub_batches"])
+            except ValueError as exc:
+                raise ValueError(f"state has invalid {key!r}: {exc}") from None
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_state, dict):
+            raise ValueError(f"state['state'] must be a dict, got {type(saved_state).__name__}")
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(sg, dict) and isinstance(sg.get("params"), (list, tuple)) for sg in saved_groups
+        ):
+            raise ValueError("state['param_groups'] must be a list of dicts, each with a 'params' list")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"state has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
@@ -517,10 +579,10 @@ class BADM(Optimizer):
         updates = []
         for g, sg in zip(self.param_groups, saved_groups):
             for p, idx in zip(g["params"], sg["params"]):
-                entry = state_dict["state"].get(idx)
+                entry = saved_state.get(idx)
                 if not p.requires_grad:
                     continue
-                if entry is None or "duals" not in entry:
+                if not isinstance(entry, dict) or "duals" not in entry:
                     raise ValueError(f"state has no duals for parameter {idx} (shape {tuple(p.shape)})")
                 d = entry["duals"]
                 want = (meta["rows"], *p.shape)
@@ -529,6 +591,8 @@ class BADM(Optimizer):
                     raise ValueError(f"duals of parameter {idx} have shape {got}, expected {want}")
                 if not d.is_floating_point():
                     raise ValueError(f"duals of parameter {idx} have dtype {d.dtype}, expected a floating dtype")
+                if not bool(torch.isfinite(d).all()):
+                    raise ValueError(f"duals of parameter {idx} are not finite (a corrupted checkpoint?)")
                 updates.append((p, d))
         views = {id(p): buf.dual_view(i) for buf in self._all_buffers() for i, p in enumerate(buf.params)}
         with torch.no_grad():
@@ -539,12 +603,10 @@ class BADM(Optimizer):
             for k, v in sg.items():
                 if k != "params":
                     g[k] = v
-        self._step_count = int(meta.get("step", 0))
+        self._step_count = step
         if meta["mode"] == self.mode:
-            ma = meta.get("merged_alpha")
-            self._merged_alpha = list(ma) if ma is not None else None
-            alpha = meta.get("alpha")
-            self._last_alpha = list(alpha) if alpha is not None else None
+            self._merged_alpha = saved_alphas["merged_alpha"]
+            self._last_alpha = saved_alphas["alpha"]
         else:  # converted: merged -> sub_batch keeps no weights; sub_batch -> merged fixes them
             self._merged_alpha = meta["convert_alpha"] if self.mode == "merged" else None
             self._last_alpha = self._merged_alpha
