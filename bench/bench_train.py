@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as bc  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_step import release_badm  # noqa: E402
 from torch import nn  # noqa: E402
 
 import badm_fast  # noqa: E402
@@ -211,6 +212,8 @@ def run_loop(work: Workload, kind: str, *, target_s: float = 3.0, min_steps: int
         iters.append(time.perf_counter() - t0)
         i += 1
     timer.remove()
+    if isinstance(opt, badm_fast.BADM):
+        release_badm(opt)
     if len(timer.times) != len(iters):
         raise RuntimeError(f"timed {len(iters)} iterations but {len(timer.times)} optimizer steps")
     it = sorted(iters)

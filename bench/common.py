@@ -130,15 +130,26 @@ def measure_group(
             spent += est
         while spent < warmup_s:
             n = max(1, min(1000, int((warmup_s - spent) / max(est, 1e-7) / 2)))
-            times = _time_calls(fn, device, n)
-            est = min(times)
+            times = sorted(_time_calls(fn, device, n))
+            est = times[len(times) // 2]
             spent += sum(times)
         reps = int(max(min_reps, min(max_reps, math.ceil(target_s / max(est, 1e-9)))))
         per_round.append(max(1, math.ceil(reps / rounds)))
+    # Each round gives every function at least min_reps / rounds calls, and more up to its
+    # planned count while its share of the round's time (target_s / rounds) lasts: a machine
+    # that slows down after the warm-up costs fewer calls, not more time.
+    floor = math.ceil(min_reps / rounds)
+    budget = target_s / rounds
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            times[i] += _time_calls(fn, device, per_round[i])
+            done, spent = 0, 0.0
+            while done < floor or (done < per_round[i] and spent < budget):
+                k = floor - done if done < floor else max(1, min(per_round[i] - done, per_round[i] // 8))
+                t = _time_calls(fn, device, k)
+                times[i] += t
+                done += k
+                spent += sum(t)
     out = []
     for t in times:
         t.sort()

@@ -80,6 +80,7 @@ def test_memory_is_measured_from_state():
         state, grads, params = bench_step.state_bytes(opt)
         assert (state, grads, params) == (4 * S * P, 4 * S * P, 4 * P)
         assert all(opt.state[p]["duals"].shape == (S, *p.shape) for p in opt.param_groups[0]["params"])
+        bench_step.release_badm(opt)
     opt = bench_step.build_optimizer("badm-merged", shapes, torch.bfloat16, CPU, S=4)
     assert bench_step.state_bytes(opt) == (4 * P, 2 * P, 2 * P)  # one fp32 dual, one bf16 gradient row
     opt = bench_step.build_optimizer("adam-fused", shapes, torch.float32, CPU)
@@ -289,6 +290,10 @@ def test_step_benchmark(request, method, backend, S):
         fn, nbytes = flat.step_fn(kernel), flat.nbytes
         fn()  # compiles the torch.compile case outside the timing
     benchmark.extra_info.update(method=method, backend=backend, P=BENCH_P, S=S, bytes=nbytes)
-    benchmark(fn)
+    try:
+        benchmark(fn)
+    finally:
+        if method in bench_step.BADM_OPT:
+            prep.close()
     median = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = nbytes / median / 1e9
