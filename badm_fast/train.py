@@ -16,6 +16,11 @@ The training step of BADM is the paper's: the batch is cut into ``--sub-batches`
 each chunk's loss is backpropagated into its own gradient row (``opt.sub_batch(s)``) and one
 fused step aggregates them, weighted by the chunk sizes. The loop is reusable:
 :func:`train_epoch` takes any model, optimizer, loss function and iterable of batches.
+
+Checkpoints (``--checkpoint-every``, ``--resume``; see :mod:`badm_fast.checkpoint`): each
+optimizer's model, optimizer and RNG states, progress and results so far are saved atomically to
+``OUT/checkpoints/<optimizer>.pt``; ``--resume`` continues to the same final weights as an
+uninterrupted run, which also go to ``OUT/final-<optimizer>.pt``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as _dist
 
+from badm_fast import checkpoint as _checkpoint
 from badm_fast import tasks as _tasks
 
 __all__ = ["OPTIMIZERS", "build_parser", "main", "make_optimizer", "train_epoch", "epoch_batches", "atomic_open"]
@@ -186,14 +192,16 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, max_steps: int
     return batches
 
 
-def train_epoch(model, opt, loss_fn, batches, progress=None, reduce=None) -> float:
+def train_epoch(model, opt, loss_fn, batches, progress=None, reduce=None, on_step=None, start=(0.0, 0)) -> float:
     """Trains one epoch over ``batches`` (an iterable of ``(inputs, targets)``).
 
     Returns the sample-weighted mean training loss of the epoch. ``reduce(loss, n)`` (optional)
-    maps a step's local mean loss and sample count to those of all ranks.
+    maps a step's local mean loss and sample count to those of all ranks. ``on_step(total,
+    count)`` (optional) runs after every step with the epoch's loss sums so far; ``start``: the
+    sums of steps taken before (an epoch resumed from a checkpoint).
     """
     model.train()
-    total, count = 0.0, 0
+    total, count = start
     for inputs, targets in batches:
         loss = train_step(model, opt, loss_fn, inputs, targets)
         n = inputs.shape[0]
@@ -206,6 +214,8 @@ def train_epoch(model, opt, loss_fn, batches, progress=None, reduce=None) -> flo
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if on_step is not None:
+            on_step(total, count)
     return total / max(count, 1)
 
 
@@ -214,10 +224,12 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progress: bool):
+def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progress: bool, checkpoints=None):
     """Trains a fresh copy of the task's model (weights ``init_state``) with optimizer ``name``.
 
     Returns ``(record, model)``: the per-epoch record of ``results.json`` and the trained model.
+    ``checkpoints`` (a :class:`badm_fast.checkpoint.Checkpointer`, optional) saves the run as it
+    goes and, under ``--resume``, continues it from its checkpoint.
     """
     from tqdm.auto import tqdm
 
@@ -232,9 +244,15 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     torch.manual_seed(args.seed + 1)  # dropout and sampling noise: the same stream for every optimizer
 
-    model.eval()
-    with torch.no_grad():
-        initial = task.evaluate(model)
+    # checkpoints: under --resume the model, optimizer and RNG states are loaded in place and the
+    # run state (epoch, step, results so far) comes from the checkpoint
+    ckpt = (checkpoints or _checkpoint.NO_CHECKPOINTS).begin(name, hp, model, opt, task.device)
+    state = ckpt.restore()
+    if state is None:
+        model.eval()
+        with torch.no_grad():
+            initial = task.evaluate(model)
+        state = ckpt.fresh(dict(hyperparameters=dict(hp), initial_metric=initial, epochs=[]))
     schedules = [
         epoch_batches(task.n_train, args.batch_size, args.seed, e, args.max_steps_per_epoch)
         for e in range(1, args.epochs + 1)
@@ -244,25 +262,35 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
         schedules = [[b.tensor_split(args.world_size)[args.rank] for b in bs if len(b) >= least] for bs in schedules]
     total_steps = sum(len(b) for b in schedules)
     reduce = _mean_over_ranks if args.distributed else None
-    record = dict(hyperparameters=dict(hp), initial_metric=initial, epochs=[])
-    elapsed = 0.0
-    with tqdm(total=total_steps, desc=f"{name:>5}", disable=not show_progress, dynamic_ncols=True, leave=True) as bar:
+    record = state.record
+    # wall-clock and process CPU seconds of training (evaluation and checkpoint writes excluded)
+    elapsed, cpu = state.time_s, state.cpu_s
+    bar_args = dict(total=total_steps, initial=state.steps, desc=f"{name:>5}", disable=not show_progress)
+    with tqdm(**bar_args, dynamic_ncols=True, leave=True) as bar:
         for epoch, batches in enumerate(schedules, start=1):
+            if state.finished or epoch < state.epoch:
+                continue  # trained before the resume
+            batches = batches[state.step :]  # a resumed epoch: the steps not yet taken
             data = ((task.train_inputs[b.to(task.device)], task.train_targets[b.to(task.device)]) for b in batches)
             _sync(task.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
+            ckpt.start_epoch(elapsed, cpu)
             try:
-                loss = train_epoch(train_model, opt, task.loss_fn, data, bar, reduce)
+                start = (state.total, state.count)
+                loss = train_epoch(train_model, opt, task.loss_fn, data, bar, reduce, ckpt.after_step, start)
             except FloatingPointError as e:  # a result, not a crash: record it and go on with the next optimizer
                 record.update(diverged=True, diverged_at_epoch=epoch, error=str(e))
                 break
             _sync(task.device)
-            elapsed += time.perf_counter() - t0
+            elapsed += time.perf_counter() - t0 - ckpt.saving_wall
+            cpu += time.process_time() - c0 - ckpt.saving_cpu
             model.eval()
             with torch.no_grad():
                 value = task.evaluate(model)
-            record["epochs"].append(dict(epoch=epoch, train_loss=loss, test_metric=value, time_s=elapsed))
+            record["epochs"].append(dict(epoch=epoch, train_loss=loss, test_metric=value, time_s=elapsed, cpu_s=cpu))
+            ckpt.end_epoch(elapsed, cpu)
             bar.set_postfix(loss=f"{loss:.4f}", **{task.metric: f"{value:.4f}"})
+    ckpt.finish(elapsed, cpu)
     values = [e["test_metric"] for e in record["epochs"]]
     best = (max(values) if task.higher_is_better else min(values)) if values else None
     record.setdefault("diverged", False)
@@ -271,6 +299,7 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
         final_metric=values[-1] if values else None,
         best_metric=best,
         time_s=elapsed,
+        cpu_s=cpu,
         steps=total_steps,
     )
     if name == "badm":
@@ -353,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sub_batch: a backward pass per sub-batch (the paper); merged: one backward pass, "
         "one dual buffer (the same trajectory for equal sub-batch weights)",
     )
+    _checkpoint.add_arguments(p)  # --checkpoint-every, --resume
     return p
 
 
@@ -414,8 +444,11 @@ def _check_out_dir(out: Path, overwrite: bool, parser) -> None:
 def _format_table(results: dict) -> str:
     metric = results["metric"]
     arrow = "higher is better" if metric["higher_is_better"] else "lower is better"
-    head = f"| optimizer | final train loss | final {metric['name']} | best {metric['name']} | train time (s) |"
-    lines = [f"{results['config']['task']}: {metric['name']} ({arrow})", head, "|---|---:|---:|---:|---:|"]
+    head = (
+        f"| optimizer | final train loss | final {metric['name']} | best {metric['name']} | train time (s) "
+        "| train CPU (s) |"
+    )
+    lines = [f"{results['config']['task']}: {metric['name']} ({arrow})", head, "|---|---:|---:|---:|---:|---:|"]
 
     def num(x):
         return "-" if x is None else f"{x:.4f}"
@@ -423,7 +456,8 @@ def _format_table(results: dict) -> str:
     for name, run in results["optimizers"].items():
         loss = f"diverged in epoch {run['diverged_at_epoch']}" if run["diverged"] else num(run["final_train_loss"])
         lines.append(
-            f"| {name} | {loss} | {num(run['final_metric'])} | {num(run['best_metric'])} | {run['time_s']:.1f} |"
+            f"| {name} | {loss} | {num(run['final_metric'])} | {num(run['best_metric'])} | {run['time_s']:.1f} "
+            f"| {run['cpu_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -440,7 +474,7 @@ def main(argv=None) -> int:
     lead = args.rank == 0  # the rank that writes and prints
     out = Path(args.out if args.out is not None else Path("runs") / args.task)
     if lead:
-        _check_out_dir(out, args.overwrite, parser)
+        _check_out_dir(out, args.overwrite or args.resume, parser)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -458,6 +492,10 @@ def main(argv=None) -> int:
         parser.error(f"{task.n_train} training examples cannot fill {args.sub_batches} sub-batches")
     if lead:
         out.mkdir(parents=True, exist_ok=True)
+    try:  # under --resume, every checkpoint is read and checked against the arguments before anything trains
+        checkpoints = _checkpoint.Checkpointer(out, args, hps, write=lead)
+    except _checkpoint.CheckpointError as e:
+        parser.error(str(e))
 
     torch.manual_seed(args.seed)
     init_state = copy.deepcopy(task.build_model().state_dict())
@@ -473,10 +511,11 @@ def main(argv=None) -> int:
     show_progress = lead and not args.quiet and sys.stderr.isatty()
     samples = {}
     for name in args.optimizer_list:
-        record, model = run_optimizer(task, name, hps[name], args, init_state, show_progress)
+        record, model = run_optimizer(task, name, hps[name], args, init_state, show_progress, checkpoints)
         results["optimizers"][name] = record
         if not lead:
             continue
+        checkpoints.save_final(name, model)
         if record["diverged"]:
             print(
                 f"badm-train: {name} diverged in epoch {record['diverged_at_epoch']}: {record['error']}",

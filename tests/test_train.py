@@ -56,7 +56,8 @@ def test_smoke_every_task(task, tmp_path, capsys):
         assert run["diverged"] is False
         assert [e["epoch"] for e in run["epochs"]] == list(range(1, epochs + 1))
         for e in run["epochs"]:
-            assert set(e) == {"epoch", "train_loss", "test_metric", "time_s"}
+            assert set(e) == {"epoch", "train_loss", "test_metric", "time_s", "cpu_s"}
+            assert e["cpu_s"] >= 0
             assert math.isfinite(e["train_loss"]) and math.isfinite(e["test_metric"])
         times = [e["time_s"] for e in run["epochs"]]
         assert all(b >= a for a, b in zip(times, times[1:])), "wall time is cumulative"
