@@ -234,7 +234,7 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def report(rows, info, command: str, target_s: float) -> str:
+def report(rows, info, command: str, target_s: float, load_end: str = "") -> str:
     shown = []
     for r in rows:
         d = dict(r, label=LABELS[r["optimizer"]])
@@ -248,7 +248,8 @@ def report(rows, info, command: str, target_s: float) -> str:
         f"### Training throughput: {info['device']} ({info['gpu'] or info['cpu']}, {info['cores']} cores, "
         f"{info['threads']} torch threads)",
         "",
-        f"torch {info['torch']}, commit {info['commit']}, {info['date']}, load average at start {info['load']}.",
+        f"torch {info['torch']}, commit {info['commit']}, {info['date']}, load average (1, 5, 15 min) at start "
+        f"{info['load']}" + (f", at end {load_end}." if load_end else "."),
         "",
         f"Command: `{command}`",
         "",
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] | None = None
             else:
                 log(f"  {name:10} {LABELS[kind]:28} {row['status']}")
             bc.free_memory(device)
-    text = report(rows, info, command.strip(), target_s)
+    text = report(rows, info, command.strip(), target_s, load_end=bc.load_average())
     print(text)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
