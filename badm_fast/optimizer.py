@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any, Callable
 
@@ -259,30 +260,35 @@ class BADM(Optimizer):
                     self._hook_handles.append(p.register_hook(self._make_guard(p)))
         return bufs
 
+    # The hooks live on the parameters, which outlive the optimizer: they hold only weak
+    # references, so an optimizer that is dropped (and its gradient and dual buffers) is freed.
     def _make_guard(self, param: torch.Tensor) -> Callable[[torch.Tensor], None]:
         """A backward pass outside any sub-batch context (with several rows) must not accumulate
         into the row ``p.grad`` still points at: this hook runs before accumulation and detaches
         ``p.grad``, so autograd makes a fresh tensor, and the post-accumulate hook raises."""
+        opt_ref, param_ref = weakref.ref(self), weakref.ref(param)
 
         def guard(grad: torch.Tensor) -> None:
-            if self._active_row is None:
-                self._detached_grads[id(param)] = param.grad
-                param.grad = None
+            opt, p = opt_ref(), param_ref()
+            if opt is not None and p is not None and opt._active_row is None:
+                opt._detached_grads[id(p)] = p.grad
+                p.grad = None
 
         return guard
 
     def _make_hook(self, buf: FlatBuffer, i: int) -> Callable[[torch.Tensor], None]:
-        param = buf.params[i]
+        opt_ref, buf_ref, param_ref = weakref.ref(self), weakref.ref(buf), weakref.ref(buf.params[i])
 
         def hook(p: torch.Tensor) -> None:
-            if p is not param:  # a copy of the parameter (deepcopy of the model): not ours
+            opt, buf = opt_ref(), buf_ref()
+            if opt is None or buf is None or p is not param_ref():  # optimizer gone, or a copy of the parameter
                 return
-            row = self._active_row
+            row = opt._active_row
             if row is None:
-                if self._rows != 1:
-                    p.grad = self._detached_grads.pop(id(p), None)  # as before the backward pass
+                if opt._rows != 1:
+                    p.grad = opt._detached_grads.pop(id(p), None)  # as before the backward pass
                     raise RuntimeError(
-                        f"BADM(sub_batches={self.sub_batches}): run each sub-batch's backward pass inside "
+                        f"BADM(sub_batches={opt.sub_batches}): run each sub-batch's backward pass inside "
                         "`with opt.sub_batch(s):` so its gradient lands in row s"
                     )
                 row = 0
@@ -408,7 +414,14 @@ class BADM(Optimizer):
 
         if self.on_nonfinite == "ignore":
             return True
-        sums = [buf.grads.sum(dtype=compute_dtype(buf.dtype)).reshape(1).cpu() for buf in self._all_buffers()]
+        # A NaN or Inf anywhere makes the sum non-finite. Summed in the storage dtype (an fp32
+        # accumulation of bf16 is several times slower: bench/results), except fp16, whose
+        # range (65504) a sum of finite gradients would often exceed. A finite sum that
+        # overflows anyway is caught by _locate_nonfinite, which finds no culprit.
+        sums = [
+            buf.grads.sum(dtype=torch.float32 if buf.dtype == torch.float16 else None).reshape(1).double().cpu()
+            for buf in self._all_buffers()
+        ]
         if not sums or bool(torch.isfinite(torch.cat(sums)).all()):
             return True
         where = self._locate_nonfinite()

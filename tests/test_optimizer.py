@@ -746,3 +746,23 @@ def test_state_converts_between_modes_and_continues_the_trajectory(direction):
         badm_fast.split_step(model2, opt2, F.cross_entropy, x, y)
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_a_dropped_optimizer_is_freed_and_its_hooks_go_quiet():
+    import gc
+    import weakref
+
+    model = _model()
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2)
+    x, y = _data()
+    badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+    dead = weakref.ref(opt)
+    duals = weakref.ref(opt._buffers[0][0].duals)
+    opt.zero_grad()
+    del opt
+    gc.collect()
+    assert dead() is None and duals() is None
+    # a new optimizer on the same model works; the old hooks do nothing
+    opt2 = badm_fast.BADM(model.parameters(), sub_batches=2, rho=1.0, sigma=4.0)
+    badm_fast.split_step(model, opt2, F.cross_entropy, x, y)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
