@@ -66,16 +66,7 @@ FORMAT = "badm_fast.train.checkpoint"
 VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 _KEYS = ("config", "model", "optimizer", "rng", "progress", "record")
-_PROGRESS_KEYS = (
-    "epoch",
-    "step",
-    "steps",
-    "total",
-    "count",
-    "time_s",
-    "cpu_s",
-    "finished",
-)
+_PROGRESS_KEYS = ("epoch", "step", "steps", "total", "count", "time_s", "cpu_s", "finished")
 
 
 class CheckpointError(ValueError):
@@ -217,11 +208,7 @@ def _gather_rng(state: dict) -> list[dict]:
     dist.all_gather(out, flat.to(comm))
     n = state["torch"].numel()
     return [
-        {
-            "torch": o[:n].cpu().clone(),
-            "cuda": o[n:].cpu().clone() if state["cuda"] is not None else None,
-        }
-        for o in out
+        {"torch": o[:n].cpu().clone(), "cuda": o[n:].cpu().clone() if state["cuda"] is not None else None} for o in out
     ]
 
 
@@ -331,21 +318,8 @@ class RunCheckpoint:
     :attr:`state` up to date and save when due.
     """
 
-    def __init__(
-        self,
-        owner: Checkpointer,
-        name: str,
-        hp: dict,
-        model,
-        optimizer,
-        device: torch.device,
-    ):
-        self.owner, self.name, self.model, self.optimizer = (
-            owner,
-            name,
-            model,
-            optimizer,
-        )
+    def __init__(self, owner: Checkpointer, name: str, hp: dict, model, optimizer, device: torch.device):
+        self.owner, self.name, self.model, self.optimizer = owner, name, model, optimizer
         self.device = torch.device(device)
         self.config = run_config(owner.args, name, hp) if owner.args is not None else {}
         self.state: RunState | None = None
@@ -417,15 +391,8 @@ class RunCheckpoint:
     def end_epoch(self, time_s: float, cpu_s: float) -> None:
         """Call after the epoch's evaluation was recorded; saves when checkpoints are per epoch."""
         s = self.state
-        s.epoch, s.step, s.total, s.count, s.time_s, s.cpu_s = (
-            s.epoch + 1,
-            0,
-            0.0,
-            0,
-            time_s,
-            cpu_s,
-        )
-        if self.owner.every is None and s.epoch <= self.config["epochs"]:  # the last epoch: finish() saves
+        s.epoch, s.step, s.total, s.count, s.time_s, s.cpu_s = s.epoch + 1, 0, 0.0, 0, time_s, cpu_s
+        if self.owner.every is None and s.epoch <= self.config.get("epochs", 0):  # the last epoch: finish() saves
             self.save()
 
     def finish(self, time_s: float, cpu_s: float) -> None:
@@ -486,13 +453,7 @@ class Checkpointer:
     whether this process writes files (rank 0 of a distributed job).
     """
 
-    def __init__(
-        self,
-        out: str | os.PathLike | None,
-        args: Any = None,
-        hps: dict | None = None,
-        write: bool = True,
-    ):
+    def __init__(self, out: str | os.PathLike | None, args: Any = None, hps: dict | None = None, write: bool = True):
         self.args = args
         self.dir = Path(out) / CHECKPOINT_DIR if out is not None else None
         self.every = getattr(args, "checkpoint_every", None) if out is not None else 0
@@ -509,11 +470,7 @@ class Checkpointer:
                 _remove_temporaries(path)
                 _remove_temporaries(self.final_path(name))
             if self.resume and path.is_file():
-                check_config(
-                    path,
-                    load_checkpoint(path, mmap=True)["config"],
-                    run_config(args, name, hps[name]),
-                )
+                check_config(path, load_checkpoint(path, mmap=True)["config"], run_config(args, name, hps[name]))
             elif not self.resume and self.write:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

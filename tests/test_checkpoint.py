@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -30,6 +31,7 @@ JOB = [
 ]  # fmt: skip
 STEPS_PER_OPTIMIZER = 90
 EVERY = 7  # does not divide the epoch: checkpoints fall mid-epoch
+SMALL = ["--task", "digits", "--optimizers", "badm,sgd", "--subset", "128", "--epochs", "1", "--threads", "1"]
 
 
 def run_job(out, *extra, quiet=True):
@@ -179,6 +181,104 @@ def test_crash_in_second_optimizer_resumes_it_and_keeps_the_finished_one(referen
     assert before == {p.name: p.read_bytes() for p in out.glob("final-*.pt")}
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_job_resumes_exactly(tmp_path):
+    """``torchrun --nproc_per_node=2 ... --distributed``: BADM's checkpoint holds every rank's
+    duals and every rank's RNG state; SGD (under DDP) one optimizer state. The checkpoints are
+    snapshotted while an uninterrupted run goes on (each file is always whole); a new job
+    resumes from a mid-run BADM snapshot and a mid-run SGD snapshot and ends with the
+    uninterrupted run's weights and results."""
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    job = [
+        "--task", "digits", "--optimizers", "badm,sgd", "--subset", "480", "--batch-size", "32", "--epochs", "2",
+        "--sub-batches", "2", "--threads", "1", "--quiet", "--checkpoint-every", "4",
+    ]  # fmt: skip
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "badm_fast.train", "--distributed"]
+        return subprocess.Popen([*cmd, *job, "--out", str(out), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    ref, snaps = tmp_path / "reference", tmp_path / "snapshots"
+    snaps.mkdir()
+    proc, seen = torchrun(ref), {}
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        for name in OPTIMIZERS:
+            try:
+                st = os.stat(ref / "checkpoints" / f"{name}.pt")
+                if seen.get(name) != st.st_ino:
+                    seen[name] = st.st_ino
+                    shutil.copyfile(
+                        ref / "checkpoints" / f"{name}.pt", snaps / f"{name}-{len(list(snaps.iterdir()))}.pt"
+                    )
+            except FileNotFoundError:
+                pass
+        time.sleep(0.002)
+    output = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+    assert proc.returncode == 0, output[-3000:]
+
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in OPTIMIZERS:  # the latest snapshot taken mid-run
+        mid = [p for p in sorted(snaps.glob(f"{name}-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+               if not checkpoint.load_checkpoint(p)["progress"]["finished"]]  # fmt: skip
+        assert mid, f"no mid-run checkpoint of {name} was caught"
+        saved = checkpoint.load_checkpoint(mid[-1])
+        assert len(saved["rng"]) == 2 and len(saved["optimizer"]) == (2 if name == "badm" else 1)
+        shutil.copyfile(mid[-1], out / "checkpoints" / f"{name}.pt")
+    proc = torchrun(out, "--resume")
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output[-3000:]
+    for name in OPTIMIZERS:
+        a, b = final_weights(out, name), final_weights(ref, name)
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+    got, want = (json.loads((d / "results.json").read_text())["optimizers"] for d in (out, ref))
+    for name in OPTIMIZERS:
+        assert [e["train_loss"] for e in got[name]["epochs"]] == [e["train_loss"] for e in want[name]["epochs"]]
+
+
+def test_checkpoint_at_the_end_of_an_epoch_resumes_before_its_evaluation(tmp_path, monkeypatch):
+    """``--checkpoint-every 3`` with 3 steps per epoch: the checkpoint after an epoch's last step
+    comes before the epoch's evaluation; a crash in the next step resumes with an epoch that has
+    no step left, evaluates it and goes on as the uninterrupted run."""
+    job = [*SMALL, "--epochs", "2", "--max-steps-per-epoch", "3", "--optimizers", "badm", "--quiet"]
+    assert train.main([*job, "--out", str(tmp_path / "ref"), "--checkpoint-every", "0"]) == 0
+    real_step, calls = train.train_step, []
+
+    def crashing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*job, "--out", str(out), "--checkpoint-every", "3"])
+    monkeypatch.setattr(train, "train_step", real_step)
+    saved = checkpoint.load_checkpoint(out / "checkpoints" / "badm.pt")
+    assert (saved["progress"]["epoch"], saved["progress"]["step"], saved["record"]["epochs"]) == (1, 3, [])
+    assert train.main([*job, "--out", str(out), "--checkpoint-every", "3", "--resume"]) == 0
+    a, b = final_weights(out, "badm"), final_weights(tmp_path / "ref", "badm")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    got, want = (json.loads((d / "results.json").read_text())["optimizers"]["badm"] for d in (out, tmp_path / "ref"))
+    assert [(e["train_loss"], e["test_metric"]) for e in got["epochs"]] == [
+        (e["train_loss"], e["test_metric"]) for e in want["epochs"]
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
 # (b) atomic writes
 # ------------------------------------------------------------------------------------------------
@@ -247,8 +347,6 @@ def test_failed_checkpoint_write_in_the_job_leaves_the_previous_one(reference, t
 # ------------------------------------------------------------------------------------------------
 # (c) refused resumes
 # ------------------------------------------------------------------------------------------------
-
-SMALL = ["--task", "digits", "--optimizers", "badm,sgd", "--subset", "128", "--epochs", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -409,15 +507,18 @@ def test_cpu_checkpoint_round_trip_continues_exactly(kind, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (this torch sees none)")
-@pytest.mark.parametrize("kind", ["badm", "adam"])
-def test_cpu_checkpoint_loads_on_cuda_and_back(kind, tmp_path):
+@pytest.mark.parametrize("kind, map_location", [("badm", "cpu"), ("badm", "cuda"), ("adam", "cpu")])
+def test_cpu_checkpoint_loads_on_cuda_and_back(kind, map_location, tmp_path):
+    """A CPU checkpoint loads into an optimizer on a GPU (``load_state_dict`` moves the state;
+    for BADM also when the tensors are mapped to the GPU first), continues there, and its
+    checkpoint loads back into an optimizer on the CPU, all copies exact."""
     model = _model()
     opt = _optimizer(kind, model)
     _train(model, opt, 3)
     path = tmp_path / "cpu.pt"
     checkpoint.atomic_save({"model": checkpoint.model_state(model), "optimizer": opt.state_dict()}, path)
 
-    loaded = checkpoint.load(path, map_location="cuda")
+    loaded = checkpoint.load(path, map_location=map_location)
     gpu_model = _model("cuda")
     gpu_opt = _optimizer(kind, gpu_model)
     gpu_model.load_state_dict(loaded["model"])
