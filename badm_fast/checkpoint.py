@@ -236,7 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="save OUT/checkpoints/<optimizer>.pt (model, optimizer, RNG states, progress, results) atomically "
-        "every N optimizer steps and when the optimizer's run ends; 0: never; default: at the end of every epoch",
+        "every N optimizer steps and when the optimizer's run ends; 0: never; unset (None): at the end of every epoch",
     )
     g.add_argument(
         "--resume",
