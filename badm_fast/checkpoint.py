@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from .distributed import to_cpu
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -53,6 +55,7 @@ __all__ = [
     "RunCheckpoint",
     "RunState",
     "add_arguments",
+    "atomic_open",
     "atomic_save",
     "load",
     "load_checkpoint",
@@ -93,20 +96,22 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is at every moment the old file or the new one.
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file next to ``path``; on success it replaces ``path`` in one rename,
+    so that ``path`` is at every moment the old file or the new one.
 
-    Writes a temporary file in the same directory, flushes and fsyncs it, renames it onto
-    ``path`` (``os.replace``, atomic on POSIX and Windows) and fsyncs the directory so the
-    rename survives a power loss. On any error (or interruption) before the rename the
-    temporary file is removed and ``path`` is untouched.
+    The temporary file is flushed and fsynced before the rename (``os.replace``, atomic on
+    POSIX and Windows), and the directory after it, so the rename survives a power loss. On
+    any error (or interruption) before the rename the temporary file is removed and ``path``
+    is untouched.
     """
     path = Path(path)
     tmp = _temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,6 +120,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_open`."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _remove_temporaries(path: Path) -> None:
@@ -156,18 +167,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     if not isinstance(ckpt["optimizer"], list) or not ckpt["optimizer"] or not isinstance(ckpt["rng"], list):
         raise CheckpointError(f"{path}: malformed checkpoint ('optimizer' and 'rng' must be lists)")
     return ckpt
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
-    return obj
 
 
 def model_state(model: torch.nn.Module) -> dict:
@@ -421,7 +420,7 @@ class RunCheckpoint:
             gathered = gather_state_dict(self.optimizer)  # every rank's duals, on rank 0
             optimizer = gathered["ranks"] if gathered is not None else None
         else:  # one state: a single process, or DDP, where every rank holds the same one
-            optimizer = [_to_cpu(self.optimizer.state_dict())] if self.owner.write else None
+            optimizer = [to_cpu(self.optimizer.state_dict())] if self.owner.write else None
         rng = _gather_rng(rng_state(self.device)) if distributed else [rng_state(self.device)]
         if not self.owner.write:
             return

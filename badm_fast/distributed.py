@@ -385,15 +385,16 @@ def _deserialize(data: torch.Tensor) -> Any:
     return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), weights_only=True)
 
 
-def _to_cpu(obj: Any) -> Any:
+def to_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts, lists, tuples) with every tensor moved to the CPU."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
+        return [to_cpu(v) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
+        return tuple(to_cpu(v) for v in obj)
     return obj
 
 
@@ -433,7 +434,7 @@ def gather_state_dict(opt: Any, dst: int = 0) -> dict[str, Any] | None:
     rep = _require_group(opt)
     if not 0 <= dst < rep.world:
         raise ValueError(f"dst={dst} is not a rank of the process group (size {rep.world})")
-    mine = _to_cpu(opt.state_dict())
+    mine = to_cpu(opt.state_dict())
     if rep.rank != dst:
         _send(mine, dst, rep)
         return None

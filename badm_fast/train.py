@@ -26,14 +26,12 @@ uninterrupted run, which also go to ``OUT/final-<optimizer>.pt``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,25 +66,7 @@ _HYPERPARAMETERS = {
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w"):
-    """Opens a temporary file next to ``path``; on success it replaces ``path`` in one rename.
-
-    Readers never see a half-written file; on an exception the temporary file is removed and
-    ``path`` is left as it was.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+atomic_open = _checkpoint.atomic_open  # temporary file, fsync, rename: readers never see a partial file
 
 
 def _versions() -> dict:
@@ -530,7 +510,7 @@ def main(argv=None) -> int:
                 f"{record['time_s']:.1f} s",
                 file=sys.stderr,
             )
-        with atomic_open(out / "results.json") as f:  # after every optimizer: a long run keeps its progress
+        with atomic_open(out / "results.json", "w") as f:  # after every optimizer: a long run keeps its progress
             json.dump(results, f, indent=2)
     if args.distributed:
         _dist.destroy_process_group()

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     ]
     text = "\n".join(header + sections)
     if not args.no_write:
-        with train.atomic_open(args.out) as f:
+        with train.atomic_open(args.out, "w") as f:
             f.write(text)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -7,9 +7,10 @@ reference. Tolerances come from TOLERANCES, one row per storage dtype.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from badm_fast import reference
+from badm_fast import backends, reference
 
 # (rtol, atol) for values stored in each dtype, comparing a kernel to the fp64 oracle.
 # fp32/fp64: a few ulps of the storage dtype (summation order over S differs between
@@ -120,3 +121,10 @@ def check_kernel(fn, S, P, dtype, device="cpu", seed=0, row_pad=0, residuals=Fal
     if residuals:
         torch.testing.assert_close(res.cpu(), want_res, rtol=1e-4, atol=1e-9)
     return z, duals
+
+
+def cpu_backends():
+    """The back ends that run on CPU tensors here, as pytest parameters; ``cpp`` is skipped
+    (with the reason) when the extension is not built."""
+    ok, reason, _ = backends.availability("cpp", "cpu")
+    return ["torch", "cpp" if ok else pytest.param("cpp", marks=pytest.mark.skip(reason=reason))]

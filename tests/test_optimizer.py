@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 
+import parity
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,15 +14,7 @@ from torch import nn
 import badm_fast
 from badm_fast import backends, reference
 
-
-def _cpu_backends():
-    out = ["torch"]
-    ok, reason, _ = backends.availability("cpp", "cpu")
-    out.append("cpp" if ok else pytest.param("cpp", marks=pytest.mark.skip(reason=reason)))
-    return out
-
-
-CPU_BACKENDS = _cpu_backends()
+CPU_BACKENDS = parity.cpu_backends()
 
 
 def _model(seed=0, dtype=torch.float64):

@@ -45,14 +45,7 @@ def _profile(max_examples: int):
     )
 
 
-def _cpu_backends():
-    out = ["torch"]
-    ok, reason, _ = backends.availability("cpp", "cpu")
-    out.append("cpp" if ok else pytest.param("cpp", marks=pytest.mark.skip(reason=reason)))
-    return out
-
-
-CPU_BACKENDS = _cpu_backends()
+CPU_BACKENDS = parity.cpu_backends()
 
 # ---------------------------------------------------------------- strategies
 

@@ -168,10 +168,10 @@ def test_epoch_batches_are_seeded_permutations():
 
 def test_atomic_open_keeps_the_old_file_on_error(tmp_path):
     path = tmp_path / "results.json"
-    with train.atomic_open(path) as f:
+    with train.atomic_open(path, "w") as f:
         f.write("first")
     with pytest.raises(RuntimeError, match="boom"):
-        with train.atomic_open(path) as f:
+        with train.atomic_open(path, "w") as f:
             f.write("half")
             raise RuntimeError("boom")
     assert path.read_text() == "first"
