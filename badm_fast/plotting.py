@@ -69,9 +69,10 @@ def plot_curves(results: dict, out: BinaryIO) -> None:
             pad = 0.15 * (hi - lo) or 0.05 * abs(hi) or 0.05
             axes[row, 1].set_ylim(lo - pad, hi + pad)
     cfg = results["config"]
+    batch = f"batch {cfg['batch_size']}" if cfg["batch_size"] > 0 else "full batch"
     fig.suptitle(
         f"badm-train --task {cfg['task']}: {results['data']['n_train']} training examples, "
-        f"batch {cfg['batch_size']}, {cfg['sub_batches']} BADM sub-batches, seed {cfg['seed']}"
+        f"{batch}, {cfg['sub_batches']} BADM sub-batches, seed {cfg['seed']}"
     )
     fig.savefig(out, format="png", dpi=100)
 
