@@ -9,7 +9,7 @@
         opt.step()
 """
 
-from . import reference
+from . import distributed, reference
 from .backends import BackendUnavailable
 from .helpers import split_batch, split_step, vmap_step
 from .optimizer import BADM, STATE_VERSION
@@ -20,6 +20,7 @@ __all__ = [
     "BADM",
     "BackendUnavailable",
     "STATE_VERSION",
+    "distributed",
     "reference",
     "split_batch",
     "split_step",
