@@ -22,6 +22,7 @@ The per-task defaults (epochs, batch size, learning rates, BADM's rho and sigma)
 
 from __future__ import annotations
 
+import abc
 import gzip
 import math
 import os
@@ -78,7 +79,7 @@ class DatasetMissingError(FileNotFoundError):
     """A data set that must be installed from a system package is not there."""
 
 
-class Task:
+class Task(abc.ABC):
     """One training problem: data tensors, a model factory, the loss and the test metric.
 
     Args:
@@ -107,20 +108,21 @@ class Task:
         self.test_targets = te_y.to(self.device)
 
     # -- to implement per task -------------------------------------------------------------
+    @abc.abstractmethod
     def load(self):
         """Returns ``(train_inputs, train_targets, test_inputs, test_targets)`` as CPU tensors."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """A freshly initialised model (seeded by the caller)."""
 
+    @abc.abstractmethod
     def loss_fn(self, output, target) -> torch.Tensor:
         """Mean training loss of a batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module) -> float:
         """The test metric of ``model`` on the whole test set."""
-        raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------
     @property
