@@ -38,6 +38,7 @@ result, out of memory) is reported in the table and does not stop the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import glob
@@ -225,6 +226,24 @@ class Report:
         self.rows.append(full)
         return full
 
+    @contextlib.contextmanager
+    def check(self, note_name, backend, dtype, S):
+        """Record one check row: status "ok" when the body completes, "FAIL" with the exception when it raises.
+
+        Yields the row (a dict): the body may set ``status`` and ``note`` (a check that ran but found
+        a wrong result) or ``backend`` (known only once the body ran). An ``Exception`` is recorded
+        (its traceback printed when GPU_CHECK_TRACEBACK is set) and not raised again, so that the
+        next check runs; anything else propagates without a row.
+        """
+        row = dict(kind="check", note_name=note_name, backend=backend, dtype=dtype, S=S, status="ok", note="")
+        try:
+            yield row
+        except Exception as exc:  # noqa: BLE001 - reported, the next check runs
+            row.update(status="FAIL", note=_short(exc))
+            if os.environ.get("GPU_CHECK_TRACEBACK"):
+                traceback.print_exc()
+        self.add(**row)
+
     def markdown(self):
         lines = []
         checks = [r for r in self.rows if r["kind"] == "check"]
@@ -364,10 +383,8 @@ def _max_diff(a, b):
     return max((float((u.double() - v.double()).abs().max()) for u, v in zip(a, b) if u.numel()), default=0.0)
 
 
-def _opt_check(report, name, backend, ok, note, S=3):
-    report.add(
-        kind="check", note_name=name, backend=backend, dtype="float32", S=S, status="ok" if ok else "FAIL", note=note
-    )
+def _verdict(result, ok, note):
+    result.update(status="ok" if ok else "FAIL", note=note)
 
 
 def check_optimizer_capture(ctx, report, backend):
@@ -379,70 +396,68 @@ def check_optimizer_capture(ctx, report, backend):
     BADM = ctx.badm_fast.BADM
     name = "BADM(capturable) step, CUDA graph replays" if dev == "cuda" else "BADM(capturable) step (no graph: CPU)"
     try:
-        if backend not in ctx.badm_fast.backends.CAPTURABLE:
-            try:
-                BADM(_mlp(torch, dev).parameters(), backend=backend, capturable=True)
-            except ctx.badm_fast.BackendUnavailable as exc:
-                _opt_check(report, name, backend, True, f"refused as designed: {str(exc)[:120]}")
-                return
-            raise AssertionError(f"capturable=True accepted backend {backend!r}, whose kernel takes host floats")
-        g_model, e_model = _mlp(torch, dev), _mlp(torch, dev)
-        kw = dict(sub_batches=3, rho=1.0, sigma=4.0, backend=backend, capturable=True)
-        opt_g, opt_e = BADM(g_model.parameters(), **kw), BADM(e_model.parameters(), **kw)
-        w = torch.tensor([1.0, 2.0, 3.0], device=dev)  # the graph reads it at each replay
-        graph, worst, skipped_ok = None, 0.0, True
-        for step in range(6):
-            x, y = _batch(torch, dev, step)
-            _backward(torch, g_model, opt_g, x, y)
-            _backward(torch, e_model, opt_e, x, y)
-            if step == 3:  # new hyperparameters and weights, written outside the graph
-                for o in (opt_g, opt_e):
-                    o.param_groups[0].update(rho=2.5, sigma=5.0)
-                opt_g.device_state.load_hyperparameters(opt_g.param_groups)
-                w.copy_(torch.tensor([3.0, 1.0, 1.0]))
-            if step == 4:  # skipped on the device by both
-                for o in (opt_g, opt_e):
-                    o._buffers[0][0].grads[1, 7] = float("inf")
-                before = _opt_state(g_model, opt_g)
-            opt_e.step(weights=w, residuals=True)
-            if step == 0 or dev != "cuda":  # warm-up (compiles the kernels) on a side stream
-                if dev == "cuda":
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
+        with report.check(name, backend, "float32", 3) as result:
+            if backend not in ctx.badm_fast.backends.CAPTURABLE:
+                try:
+                    BADM(_mlp(torch, dev).parameters(), backend=backend, capturable=True)
+                except ctx.badm_fast.BackendUnavailable as exc:
+                    result["note"] = f"refused as designed: {str(exc)[:120]}"
+                    return
+                raise AssertionError(f"capturable=True accepted backend {backend!r}, whose kernel takes host floats")
+            g_model, e_model = _mlp(torch, dev), _mlp(torch, dev)
+            kw = dict(sub_batches=3, rho=1.0, sigma=4.0, backend=backend, capturable=True)
+            opt_g, opt_e = BADM(g_model.parameters(), **kw), BADM(e_model.parameters(), **kw)
+            w = torch.tensor([1.0, 2.0, 3.0], device=dev)  # the graph reads it at each replay
+            graph, worst, skipped_ok = None, 0.0, True
+            for step in range(6):
+                x, y = _batch(torch, dev, step)
+                _backward(torch, g_model, opt_g, x, y)
+                _backward(torch, e_model, opt_e, x, y)
+                if step == 3:  # new hyperparameters and weights, written outside the graph
+                    for o in (opt_g, opt_e):
+                        o.param_groups[0].update(rho=2.5, sigma=5.0)
+                    opt_g.device_state.load_hyperparameters(opt_g.param_groups)
+                    w.copy_(torch.tensor([3.0, 1.0, 1.0]))
+                if step == 4:  # skipped on the device by both
+                    for o in (opt_g, opt_e):
+                        o._buffers[0][0].grads[1, 7] = float("inf")
+                    before = _opt_state(g_model, opt_g)
+                opt_e.step(weights=w, residuals=True)
+                if step == 0 or dev != "cuda":  # warm-up (compiles the kernels) on a side stream
+                    if dev == "cuda":
+                        side = torch.cuda.Stream()
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            opt_g.step(weights=w, residuals=True)
+                        torch.cuda.current_stream().wait_stream(side)
+                    else:
                         opt_g.step(weights=w, residuals=True)
-                    torch.cuda.current_stream().wait_stream(side)
                 else:
-                    opt_g.step(weights=w, residuals=True)
-            else:
-                if graph is None:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        opt_g.step(weights=w, residuals=True)
-                graph.replay()
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            state_g = _opt_state(g_model, opt_g)
-            worst = max(worst, _max_diff(state_g, _opt_state(e_model, opt_e)))
-            if step == 4:
-                skipped_ok = _max_diff(state_g, before) == 0.0
-        res = _max_diff(
-            [opt_g.residuals["primal"], opt_g.residuals["dual"]], [opt_e.residuals["primal"], opt_e.residuals["dual"]]
-        )
-        counts = (int(opt_g.skipped_steps_tensor), int(opt_e.skipped_steps_tensor))
-        ok = worst <= 1e-6 and skipped_ok and counts == (1, 1) and res <= 1e-6 * (1 + float(opt_e.residuals["dual"]))
-        _opt_check(
-            report,
-            name,
-            backend,
-            ok,
-            f"max |graph - eager| {worst:.1e} over 6 steps (weights/rho/sigma changed, 1 inf skipped: "
-            f"state untouched {skipped_ok}, device counters {counts}); residuals diff {res:.1e}",
-        )
-    except Exception as exc:  # noqa: BLE001
-        _opt_check(report, name, backend, False, _short(exc))
-        if os.environ.get("GPU_CHECK_TRACEBACK"):
-            traceback.print_exc()
+                    if graph is None:
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            opt_g.step(weights=w, residuals=True)
+                    graph.replay()
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                state_g = _opt_state(g_model, opt_g)
+                worst = max(worst, _max_diff(state_g, _opt_state(e_model, opt_e)))
+                if step == 4:
+                    skipped_ok = _max_diff(state_g, before) == 0.0
+            res = _max_diff(
+                [opt_g.residuals["primal"], opt_g.residuals["dual"]],
+                [opt_e.residuals["primal"], opt_e.residuals["dual"]],
+            )
+            counts = (int(opt_g.skipped_steps_tensor), int(opt_e.skipped_steps_tensor))
+            ok = (
+                worst <= 1e-6 and skipped_ok and counts == (1, 1) and res <= 1e-6 * (1 + float(opt_e.residuals["dual"]))
+            )
+            _verdict(
+                result,
+                ok,
+                f"max |graph - eager| {worst:.1e} over 6 steps (weights/rho/sigma changed, 1 inf skipped: "
+                f"state untouched {skipped_ok}, device counters {counts}); residuals diff {res:.1e}",
+            )
     finally:
         ctx.free()
 
@@ -454,54 +469,47 @@ def check_compiled_training_step(ctx, report):
     torch, dev = ctx.torch, ctx.device
     compiler = "inductor" if dev == "cuda" else "aot_eager"
     name = f"torch.compile({compiler}) training step"
-    backend = "auto"
     try:
-        torch._dynamo.reset()
-        model, twin = _mlp(torch, dev), _mlp(torch, dev)
-        opt = ctx.badm_fast.BADM(model.parameters(), rho=1.0, sigma=4.0)
-        opt_twin = ctx.badm_fast.BADM(twin.parameters(), rho=1.0, sigma=4.0)
-        backend = opt.backend
-        graphs = []
+        with report.check(name, "auto", "float32", 1) as result:
+            torch._dynamo.reset()
+            model, twin = _mlp(torch, dev), _mlp(torch, dev)
+            opt = ctx.badm_fast.BADM(model.parameters(), rho=1.0, sigma=4.0)
+            opt_twin = ctx.badm_fast.BADM(twin.parameters(), rho=1.0, sigma=4.0)
+            result["backend"] = opt.backend
+            graphs = []
 
-        def recording(gm, example_inputs):
-            graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
-            return torch._dynamo.backends.registry.lookup_backend(compiler)(gm, example_inputs)
+            def recording(gm, example_inputs):
+                graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+                return torch._dynamo.backends.registry.lookup_backend(compiler)(gm, example_inputs)
 
-        def make(m, o):
-            def train_step(x, y):
-                o.zero_grad()
-                loss = torch.nn.functional.cross_entropy(m(x), y)
-                loss.backward()
-                o.step()
-                return loss
+            def make(m, o):
+                def train_step(x, y):
+                    o.zero_grad()
+                    loss = torch.nn.functional.cross_entropy(m(x), y)
+                    loss.backward()
+                    o.step()
+                    return loss
 
-            return train_step
+                return train_step
 
-        compiled, eager = torch.compile(make(model, opt), backend=recording), make(twin, opt_twin)
-        t0 = time.perf_counter()
-        loss_diff = 0.0
-        for step in range(3):
-            x, y = _batch(torch, dev, step)
-            loss_diff = max(loss_diff, abs(float(compiled(x, y).detach()) - float(eager(x, y).detach())))
-        seconds = time.perf_counter() - t0
-        diff = _max_diff(_opt_state(model, opt), _opt_state(twin, opt_twin))
-        in_graph = any("badm_fast.fused_step.default" in g for g in graphs)
-        # Inductor fuses and reorders float ops of the forward and backward: a few fp32 ulps per
-        # op; three steps of size 1/sigma = 0.25 keep the difference far below 1e-4.
-        ok = in_graph and diff <= 1e-4 and loss_diff <= 1e-4 and opt._step_count == 3
-        _opt_check(
-            report,
-            name,
-            backend,
-            ok,
-            f"max |compiled - eager| {diff:.1e} (weights, duals), {loss_diff:.1e} (loss); fused_step node in graph: "
-            f"{in_graph}; {len(graphs)} graphs, {seconds:.0f} s with compilation",
-            S=1,
-        )
-    except Exception as exc:  # noqa: BLE001
-        _opt_check(report, name, backend, False, _short(exc), S=1)
-        if os.environ.get("GPU_CHECK_TRACEBACK"):
-            traceback.print_exc()
+            compiled, eager = torch.compile(make(model, opt), backend=recording), make(twin, opt_twin)
+            t0 = time.perf_counter()
+            loss_diff = 0.0
+            for step in range(3):
+                x, y = _batch(torch, dev, step)
+                loss_diff = max(loss_diff, abs(float(compiled(x, y).detach()) - float(eager(x, y).detach())))
+            seconds = time.perf_counter() - t0
+            diff = _max_diff(_opt_state(model, opt), _opt_state(twin, opt_twin))
+            in_graph = any("badm_fast.fused_step.default" in g for g in graphs)
+            # Inductor fuses and reorders float ops of the forward and backward: a few fp32 ulps per
+            # op; three steps of size 1/sigma = 0.25 keep the difference far below 1e-4.
+            ok = in_graph and diff <= 1e-4 and loss_diff <= 1e-4 and opt._step_count == 3
+            _verdict(
+                result,
+                ok,
+                f"max |compiled - eager| {diff:.1e} (weights, duals), {loss_diff:.1e} (loss); "
+                f"fused_step node in graph: {in_graph}; {len(graphs)} graphs, {seconds:.0f} s with compilation",
+            )
     finally:
         torch._dynamo.reset()
         ctx.free()
@@ -516,42 +524,37 @@ def check_grad_scaler(ctx, report, backend):
     torch, dev = ctx.torch, ctx.device
     name = "GradScaler, forced inf/NaN skipped"
     try:
-        a, b = _mlp(torch, dev), _mlp(torch, dev)
-        kw = dict(sub_batches=3, rho=2.0, sigma=4.0, backend=backend)
-        opt_a, opt_b = ctx.badm_fast.BADM(a.parameters(), **kw), ctx.badm_fast.BADM(b.parameters(), **kw)
-        scaler = torch.amp.GradScaler(dev, init_scale=2.0**12, growth_interval=1000)
-        untouched, worst = True, 0.0
-        for step in range(5):
-            x, y = _batch(torch, dev, step)
-            _backward(torch, a, opt_a, x, y)
-            opt_a.step()
-            for attempt in range(2 if step in (2, 3) else 1):
-                _backward(torch, b, opt_b, x, y, scale=scaler.scale)
-                if attempt == 0 and step in (2, 3):
-                    row, bad = (2, float("inf")) if step == 2 else (0, float("nan"))
-                    opt_b._buffers[0][0].grads[row, 11] = bad
-                    before = _opt_state(b, opt_b)
-                scaler.step(opt_b)
-                scaler.update()
-                if attempt == 0 and step in (2, 3):
-                    untouched = untouched and _max_diff(before, _opt_state(b, opt_b)) == 0.0
-            worst = max(worst, _max_diff(_opt_state(a, opt_a), _opt_state(b, opt_b)))
-        skipped = opt_b.skipped_steps + int(opt_b.skipped_steps_tensor)
-        scale = scaler.get_scale()
-        ok = untouched and skipped == 2 and scale == 2.0**11 and worst <= 1e-6
-        where = "device" if int(opt_b.skipped_steps_tensor) else "host"
-        _opt_check(
-            report,
-            name,
-            backend,
-            ok,
-            f"state untouched {untouched}; {skipped} skips counted on the {where}; scale 2**12 -> {scale:g}; "
-            f"max |scaled - unscaled run| {worst:.1e}",
-        )
-    except Exception as exc:  # noqa: BLE001
-        _opt_check(report, name, backend, False, _short(exc))
-        if os.environ.get("GPU_CHECK_TRACEBACK"):
-            traceback.print_exc()
+        with report.check(name, backend, "float32", 3) as result:
+            a, b = _mlp(torch, dev), _mlp(torch, dev)
+            kw = dict(sub_batches=3, rho=2.0, sigma=4.0, backend=backend)
+            opt_a, opt_b = ctx.badm_fast.BADM(a.parameters(), **kw), ctx.badm_fast.BADM(b.parameters(), **kw)
+            scaler = torch.amp.GradScaler(dev, init_scale=2.0**12, growth_interval=1000)
+            untouched, worst = True, 0.0
+            for step in range(5):
+                x, y = _batch(torch, dev, step)
+                _backward(torch, a, opt_a, x, y)
+                opt_a.step()
+                for attempt in range(2 if step in (2, 3) else 1):
+                    _backward(torch, b, opt_b, x, y, scale=scaler.scale)
+                    if attempt == 0 and step in (2, 3):
+                        row, bad = (2, float("inf")) if step == 2 else (0, float("nan"))
+                        opt_b._buffers[0][0].grads[row, 11] = bad
+                        before = _opt_state(b, opt_b)
+                    scaler.step(opt_b)
+                    scaler.update()
+                    if attempt == 0 and step in (2, 3):
+                        untouched = untouched and _max_diff(before, _opt_state(b, opt_b)) == 0.0
+                worst = max(worst, _max_diff(_opt_state(a, opt_a), _opt_state(b, opt_b)))
+            skipped = opt_b.skipped_steps + int(opt_b.skipped_steps_tensor)
+            scale = scaler.get_scale()
+            ok = untouched and skipped == 2 and scale == 2.0**11 and worst <= 1e-6
+            where = "device" if int(opt_b.skipped_steps_tensor) else "host"
+            _verdict(
+                result,
+                ok,
+                f"state untouched {untouched}; {skipped} skips counted on the {where}; scale 2**12 -> {scale:g}; "
+                f"max |scaled - unscaled run| {worst:.1e}",
+            )
     finally:
         ctx.free()
 
@@ -603,7 +606,7 @@ def check_tensor_hypers(ctx, report):
 def check_graph_capture(ctx, report, name, fn):
     """Capture one step in a CUDA graph, replay it twice, compare with two reference steps."""
     torch, parity = ctx.torch, ctx.parity
-    try:
+    with report.check("CUDA graph capture + 2 replays", name, "float32", 1):
         (z, grads, duals, weights, rho, sigma), _ = parity.make_inputs(3, 100003, torch.float32, "cuda", seed=9)
         want_z, want_d = z.double().cpu(), duals.double().cpu()
         for _ in range(2):
@@ -626,25 +629,6 @@ def check_graph_capture(ctx, report, name, fn):
         torch.cuda.synchronize()
         torch.testing.assert_close(z.double().cpu(), want_z, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(duals.double().cpu(), want_d, rtol=1e-5, atol=1e-5)
-        report.add(
-            kind="check",
-            note_name="CUDA graph capture + 2 replays",
-            backend=name,
-            dtype="float32",
-            S=1,
-            status="ok",
-            note="",
-        )
-    except Exception as exc:  # noqa: BLE001
-        report.add(
-            kind="check",
-            note_name="CUDA graph capture + 2 replays",
-            backend=name,
-            dtype="float32",
-            S=1,
-            status="FAIL",
-            note=_short(exc),
-        )
 
 
 def check_int64(ctx, report, name, fn):
@@ -653,43 +637,25 @@ def check_int64(ctx, report, name, fn):
     P, W = (1 << 31) + 4099, MIB
     z = grads = duals = None
     try:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        z = torch.randn(P, device="cuda", dtype=torch.bfloat16, generator=gen)
-        grads = torch.randn(1, P, device="cuda", dtype=torch.bfloat16, generator=gen)
-        duals = torch.randn(1, P, device="cuda", dtype=torch.float32, generator=gen)
-        weights = torch.ones(1, device="cuda")
-        rho, sigma = 0.7, 1.3
-        windows = [slice(0, W), slice((1 << 31) - W // 2, (1 << 31) + W // 2), slice(P - W, P)]
-        want = []
-        for w in windows:
-            zw, dw = z[w].clone(), duals[:, w].clone()
-            parity.reference.fused_step_(zw, grads[:, w], dw, weights, rho, sigma)
-            want.append((zw, dw))
-        fn(z, grads, duals, weights, rho, sigma)
-        torch.cuda.synchronize()
-        rtol, atol = parity.TOLERANCES[torch.bfloat16]
-        for w, (zw, dw) in zip(windows, want):
-            torch.testing.assert_close(z[w].float(), zw.float(), rtol=rtol, atol=atol)
-            torch.testing.assert_close(duals[:, w], dw, rtol=2e-6, atol=2e-6)
-        report.add(
-            kind="check",
-            note_name="P = 2**31 + 4099 (64-bit offsets)",
-            backend=name,
-            dtype="bfloat16",
-            S=1,
-            status="ok",
-            note="",
-        )
-    except Exception as exc:  # noqa: BLE001
-        report.add(
-            kind="check",
-            note_name="P = 2**31 + 4099 (64-bit offsets)",
-            backend=name,
-            dtype="bfloat16",
-            S=1,
-            status="FAIL",
-            note=_short(exc),
-        )
+        with report.check("P = 2**31 + 4099 (64-bit offsets)", name, "bfloat16", 1):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            z = torch.randn(P, device="cuda", dtype=torch.bfloat16, generator=gen)
+            grads = torch.randn(1, P, device="cuda", dtype=torch.bfloat16, generator=gen)
+            duals = torch.randn(1, P, device="cuda", dtype=torch.float32, generator=gen)
+            weights = torch.ones(1, device="cuda")
+            rho, sigma = 0.7, 1.3
+            windows = [slice(0, W), slice((1 << 31) - W // 2, (1 << 31) + W // 2), slice(P - W, P)]
+            want = []
+            for w in windows:
+                zw, dw = z[w].clone(), duals[:, w].clone()
+                parity.reference.fused_step_(zw, grads[:, w], dw, weights, rho, sigma)
+                want.append((zw, dw))
+            fn(z, grads, duals, weights, rho, sigma)
+            torch.cuda.synchronize()
+            rtol, atol = parity.TOLERANCES[torch.bfloat16]
+            for w, (zw, dw) in zip(windows, want):
+                torch.testing.assert_close(z[w].float(), zw.float(), rtol=rtol, atol=atol)
+                torch.testing.assert_close(duals[:, w], dw, rtol=2e-6, atol=2e-6)
     finally:
         del z, grads, duals
         ctx.free()
