@@ -136,7 +136,6 @@ class _Replica:
         self.device = _comm_device(pg)
         self.checked_groups = -1  # number of param groups whose layout was checked
         self.payloads: dict[int, torch.Tensor] = {}
-        self.weights: dict[tuple, torch.Tensor] = {}
 
     def payload(self, buf: Any) -> torch.Tensor:
         t = self.payloads.get(id(buf))
@@ -145,15 +144,6 @@ class _Replica:
             size = buf.size + _TAIL + -(-2 * n // _TAIL) * _TAIL
             t = torch.zeros(size, dtype=compute_dtype(buf.dtype), device=buf.device)
             self.payloads[id(buf)] = t
-        return t
-
-    def weights_tensor(self, w: list[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (tuple(w), device, dtype)
-        t = self.weights.get(key)
-        if t is None:
-            if len(self.weights) > 64:
-                self.weights.clear()
-            t = self.weights[key] = torch.tensor(w, dtype=dtype, device=device)
         return t
 
 
@@ -331,7 +321,7 @@ def buffer_step(opt: Any, buf: Any, weights: Any, rho: float, sigma: float, resi
     delta = payload[:P]
     used = payload[P + _TAIL : P + _TAIL + n]  # 1 where this rank gave the parameter a gradient
     unused_res = payload[P + _TAIL + n : P + _TAIL + 2 * n]
-    w = rep.weights_tensor(local_w, buf.device, cdt)
+    w = opt._weights_tensor(local_w, buf.device, cdt)  # the same cache as the single-process step
     _, fn = opt._kernels[buf.device.type]
     grads = buf.grads if buf.dtype == cdt else buf.grads.to(cdt)
     touched = [any(buf.touched[r][i] for r in range(buf.rows)) for i in range(n)]
