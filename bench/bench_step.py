@@ -645,15 +645,7 @@ def target_rows(rows: list[dict[str, Any]], min_P: int = 16 * M, S_values=(1, 4)
 
 
 def report(cfg: Config, rows, mem_rows, info, command: str, notes: list[str], load_end: str = "") -> str:
-    lines = [
-        f"### BADM step: {info['device']} ({info['gpu'] or info['cpu']}, {info['cores']} cores, "
-        f"{info['threads']} torch threads)",
-        "",
-        f"torch {info['torch']}, triton {info['triton']}, commit {info['commit']}, {info['date']}, "
-        f"load average (1, 5, 15 min) at start {info['load']}" + (f", at end {load_end}." if load_end else "."),
-        "",
-        f"Command: `{command}`",
-        "",
+    lines = bc.report_header("BADM step", info, command, load_end, versions="torch,triton") + [
         "Median of ≥ {0} timed calls (about {1:g} s per case) after a warm-up; GB/step by the formulas "
         "of bench/bench_step.py (BADM (3S+2)·P values, Adam 7, SGD momentum 5, at their actual item sizes; "
         "duals fp32). ×Adam fused: GB/s over Adam(fused=True)'s on the same parameters; ×copy / ×add_: "

@@ -244,15 +244,7 @@ def report(rows, info, command: str, target_s: float, load_end: str = "") -> str
         else:
             d["spread"] = r["status"]
         shown.append(d)
-    lines = [
-        f"### Training throughput: {info['device']} ({info['gpu'] or info['cpu']}, {info['cores']} cores, "
-        f"{info['threads']} torch threads)",
-        "",
-        f"torch {info['torch']}, commit {info['commit']}, {info['date']}, load average (1, 5, 15 min) at start "
-        f"{info['load']}" + (f", at end {load_end}." if load_end else "."),
-        "",
-        f"Command: `{command}`",
-        "",
+    lines = bc.report_header("Training throughput", info, command, load_end) + [
         f"About {target_s:g} s of timed steps per loop after a warm-up. A step is one batch: BADM per-sub-batch "
         f"runs {SUB_BATCHES} forward/backward passes on the quarters of the batch (badm_fast.split_step), "
         "BADM merged and torch.optim one pass over the whole batch. Optimizer share: time in opt.step() "

@@ -320,3 +320,21 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     rule = "|" + "|".join("---:" if num else "---" for num in numeric) + "|"
     body = ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join([head, rule, *body])
+
+
+def report_header(
+    title: str, info: dict[str, Any], command: str, load_end: str = "", versions: str = "torch"
+) -> list[str]:
+    """The opening lines of a markdown report: the machine, the versions (``"torch"`` or
+    ``"torch,triton"``), commit, date, load average at start (and end), and the command."""
+    names = ", ".join(f"{name} {info[name]}" for name in versions.split(","))
+    return [
+        f"### {title}: {info['device']} ({info['gpu'] or info['cpu']}, {info['cores']} cores, "
+        f"{info['threads']} torch threads)",
+        "",
+        f"{names}, commit {info['commit']}, {info['date']}, "
+        f"load average (1, 5, 15 min) at start {info['load']}" + (f", at end {load_end}." if load_end else "."),
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
