@@ -5,21 +5,9 @@
 #include "badm_cpu_isa_prelude.h"
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-// GCC before 14 does not define the target macros after `#pragma GCC target`
-// (https://gcc.gnu.org/bugzilla/show_bug.cgi?id=87299); sleef.h, included by at::vec,
-// declares its 512-bit functions only under __AVX512F__.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "badm_cpu_avx2_macros.h"
+// The same GCC bug for the 512-bit macros (sleef.h declares its 512-bit functions only under
+// __AVX512F__).
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
