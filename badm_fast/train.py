@@ -513,6 +513,10 @@ def main(argv=None) -> int:
         with atomic_open(out / "results.json", "w") as f:  # after every optimizer: a long run keeps its progress
             json.dump(results, f, indent=2)
     if args.distributed:
+        # destroy_process_group is not collective: without the barrier a rank that finishes first
+        # can tear down gloo's pairs while the other still drains its last collective, and that
+        # rank then aborts ("terminate called without an active exception").
+        _dist.barrier()
         _dist.destroy_process_group()
     if not lead:
         return 0
