@@ -137,13 +137,16 @@ class _Replica:
         self.checked_groups = -1  # number of param groups whose layout was checked
         self.payloads: dict[int, torch.Tensor] = {}
 
-    def payload(self, buf: Any) -> torch.Tensor:
-        t = self.payloads.get(id(buf))
+    def payload(self, bucket: Any) -> torch.Tensor:
+        """The reduction buffer of ``bucket``: its elements, then the tail (see :data:`_TAIL`)."""
+        n = len(bucket.params)
+        size = sum(t.numel() for t in bucket.locals)
+        key = (id(bucket), size, n)
+        t = self.payloads.get(key)
         if t is None:
-            n = len(buf.params)
-            size = buf.size + _TAIL + -(-2 * n // _TAIL) * _TAIL
-            t = torch.zeros(size, dtype=compute_dtype(buf.dtype), device=buf.device)
-            self.payloads[id(buf)] = t
+            t = torch.zeros(size + _TAIL + -(-2 * n // _TAIL) * _TAIL, dtype=bucket.compute_dtype, device=bucket.device)
+            self.payloads = {k: v for k, v in self.payloads.items() if k[0] != id(bucket)}
+            self.payloads[key] = t
         return t
 
 
@@ -193,18 +196,22 @@ def _checksums(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return plain, weighted
 
 
+def _size(bucket: Any) -> int:
+    return sum(t.numel() for t in bucket.locals)
+
+
 def _layout(opt: Any) -> tuple[list[tuple[int, int, Any]], torch.Tensor, torch.Tensor, list[list[str]]]:
     """(buffers, header, per-buffer layout rows, per-buffer parameter names) of this rank."""
-    bufs = [(g, j, buf) for g, group_bufs in enumerate(opt._buffers) for j, buf in enumerate(group_bufs)]
+    bufs = [(g, j, buf) for g, group_bufs in enumerate(opt._buckets()) for j, buf in enumerate(group_bufs)]
     header = torch.tensor(
-        [len(opt.param_groups), len(bufs), sum(b.size for _, _, b in bufs), _NONFINITE_CODES[opt.on_nonfinite]],
+        [len(opt.param_groups), len(bufs), sum(_size(b) for _, _, b in bufs), _NONFINITE_CODES[opt.on_nonfinite]],
         dtype=torch.int64,
     )
     rows, names = [], []
     for g, j, buf in bufs:
         index = {id(p): k for k, p in enumerate(opt.param_groups[g]["params"])}
         shapes = repr([tuple(p.shape) for p in buf.params]).encode()
-        rows.append([g, j, buf.size, _DTYPE_CODES[buf.dtype], len(buf.params), zlib.crc32(shapes)])
+        rows.append([g, j, _size(buf), _DTYPE_CODES[buf.dtype], len(buf.params), zlib.crc32(shapes)])
         names.append([f"parameter {index[id(p)]} of param group {g} (shape {tuple(p.shape)})" for p in buf.params])
     return bufs, header, torch.tensor(rows, dtype=torch.int64).reshape(len(bufs), 6), names
 
@@ -235,8 +242,8 @@ def check_replicas(opt: Any) -> None:
         )
     sums = []
     for _, _, buf in bufs:
-        for i in range(len(buf.params)):
-            sums.extend(_checksums(buf.param_view(i)))
+        for t in buf.locals:
+            sums.extend(_checksums(t))
     local = torch.cat([rows.flatten(), torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.int64)])
     every = _all_gather(local, rep)
     n_layout = rows.numel()
@@ -275,73 +282,83 @@ def check_replicas(opt: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------- step
-def gradients_ok(opt: Any) -> bool:
-    """The distributed counterpart of ``BADM._gradients_ok``: every rank checks (and, under
-    GradScaler, unscales) its own rows, then the ranks agree. Returns False when every rank
-    must skip the step; raises on every rank when one of them raised."""
+def agree(opt: Any, flags: dict[torch.device, torch.Tensor]) -> None:
+    """Make every rank refuse the step when one of them must: the flags of all ranks are
+    reduced with MAX (one tiny all-reduce; the layout check runs first after add_param_group)."""
     rep = _replica(opt)
     if rep.checked_groups != len(opt.param_groups):  # add_param_group since the last check
         check_replicas(opt)
-    if opt.on_nonfinite == "ignore" and getattr(opt, "found_inf", None) is None:
-        return True
-    error = None
-    try:
-        ok = opt._gradients_ok()
-    except RuntimeError as exc:
-        ok, error = False, exc
-    flags = torch.zeros(rep.world, dtype=torch.int32)
-    flags[rep.rank] = 0 if ok else (2 if error is not None else 1)
-    flags = flags.to(rep.device)
-    dist.all_reduce(flags, group=rep.group)
-    flags = flags.cpu()
-    if error is not None:
-        raise RuntimeError(f"rank {rep.rank}: {error} (the step was refused on every rank)") from error
-    raised = _ranks(flags == 2)
-    if raised:
-        raise RuntimeError(
-            f"rank(s) {raised} refused the step (a non-finite gradient or an invalid gradient state; their "
-            "errors name it); the step was refused on every rank and weights and duals are unchanged"
-        )
-    return not bool((flags != 0).any())
+    if not flags:
+        return
+    mine = torch.stack([f.reshape(()).to(rep.device) for f in flags.values()]).amax().reshape(1)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=rep.group)
+    for f in flags.values():
+        f.copy_(mine.to(f.device))
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of consecutive segments of ``flat`` laid out like the tensors of ``like``."""
+    out, off = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(flat[off : off + n].as_strided(t.shape, t.stride()) if n else flat[off:off].view(t.shape))
+        off += n
+    return out
 
 
 @torch.no_grad()
-def buffer_step(opt: Any, buf: Any, weights: Any, rho: float, sigma: float, residuals: torch.Tensor | None) -> None:
-    """The distributed fused step of one flat buffer: this rank's rows through the kernel into
-    the payload, one all-reduce, then ``z += delta / W``. ``residuals`` (optional, float64
-    ``(2,)``) gets the global ``[sum_s alpha_s ||w_s' - z||^2, ||z' - z||^2]`` of this buffer
-    added, like the kernel contract's residuals."""
+def bucket_step(
+    opt: Any,
+    bucket: Any,
+    hyper: torch.Tensor,
+    residuals: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    inv_scale: torch.Tensor | None,
+) -> None:
+    """The distributed fused step of one bucket: this rank's rows through the kernel into the
+    payload (the kernel adds to its ``params`` argument), one all-reduce, then ``z += delta / W``.
+    ``residuals`` (optional, float64 ``(2,)``) gets the global ``[sum_s alpha_s ||w_s' - z||^2,
+    ||z' - z||^2]`` of this bucket added, like the kernel contract's residuals."""
     rep = _replica(opt)
-    raw = _raw_weights(weights, opt.sub_batches)
+    raw = _raw_weights(getattr(opt, "_raw_step_weights", None), opt.sub_batches)
     local_w = [sum(raw)] if opt.mode == "merged" else raw
-    cdt = compute_dtype(buf.dtype)
-    P, n = buf.size, len(buf.params)
-    payload = rep.payload(buf)
+    cdt = bucket.compute_dtype
+    n, R = len(bucket.params), bucket.rows
+    P = _size(bucket)
+    payload = rep.payload(bucket)
     payload.zero_()
-    delta = payload[:P]
+    delta = _views(payload[:P], bucket.locals)
     used = payload[P + _TAIL : P + _TAIL + n]  # 1 where this rank gave the parameter a gradient
     unused_res = payload[P + _TAIL + n : P + _TAIL + 2 * n]
-    w = opt._weights_tensor(local_w, buf.device, cdt)  # the same cache as the single-process step
-    _, fn = opt._kernels[buf.device.type]
-    grads = buf.grads if buf.dtype == cdt else buf.grads.to(cdt)
-    touched = [any(buf.touched[r][i] for r in range(buf.rows)) for i in range(n)]
-    res = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals is not None else None
+    w = opt._weights_tensor(local_w, bucket.device, cdt)  # the same cache as the single-process step
+    step_fn = opt._fns[bucket.device.type][0]
+    rows = opt._row_grads(bucket) if bucket.grad_rows is not None else bucket.grads()
+    rows = [None if g is None else (g if g.dtype == cdt else g.to(cdt)) for g in rows]
+    wd = float(opt.param_groups[_group_of(opt, bucket)]["weight_decay"])
+    if wd != 0.0:  # the kernel's wd*z would read the zero payload: add the decay to the gradients here
+        sign = -1.0 if opt.param_groups[_group_of(opt, bucket)]["maximize"] else 1.0
+        zs = [t.to(cdt) for t in bucket.locals]
+        rows = [None if g is None else g + (sign * wd) * zs[k % n] for k, g in enumerate(rows)]
+        hyper = hyper.clone()
+        hyper[2] = 0.0
+    touched = [rows[i] is not None for i in range(n)]
+    res = torch.zeros(2, dtype=torch.float64, device=bucket.device) if residuals is not None else None
+    step_fn(delta, rows, bucket.duals, w, hyper, res, found_inf, inv_scale)
     saved = []
-    if all(touched):
-        fn(delta, grads, buf.duals, w, rho, sigma, res)
-        used.fill_(1.0)
-    else:
-        for a, b in buf.active_runs():
-            fn(delta[a:b], grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res)
-        for i in (i for i in range(n) if not touched[i]):
-            # Zero gradient in every local row; undone below if no rank touched the parameter.
-            a, b = buf.offsets[i], buf.offsets[i + 1] if i + 1 < n else P
-            saved.append((i, a, b, buf.duals[:, a:b].clone()))
-            res_i = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals is not None else None
-            fn(delta[a:b], grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res_i)
+    if not all(touched):
+        # Zero gradient in every local row; undone below if no rank touched the parameter.
+        idx = [i for i in range(n) if not touched[i]]
+        zeros = [torch.zeros_like(delta[i]) for i in idx]
+        sub_rows = [zeros[j] for _ in range(R) for j in range(len(idx))]
+        sub_duals = [bucket.duals[r * n + i] for r in range(R) for i in idx]
+        saved = [(i, [bucket.duals[r * n + i].clone() for r in range(R)]) for i in idx]
+        for j, i in enumerate(idx):
+            res_i = torch.zeros(2, dtype=torch.float64, device=bucket.device) if residuals is not None else None
+            step_fn([delta[i]], [sub_rows[j]] * R, [sub_duals[r * len(idx) + j] for r in range(R)], w, hyper, res_i,
+                    found_inf, inv_scale)
             if res_i is not None:
                 unused_res[i] = res_i[0]
-        used.copy_(torch.tensor(touched, dtype=cdt))
+    used.copy_(torch.tensor([1.0 if t else 0.0 for t in touched], dtype=cdt))
     payload[P] = sum(local_w)
     if res is not None:
         payload[P + 1] = res[0]
@@ -349,19 +366,37 @@ def buffer_step(opt: Any, buf: Any, weights: Any, rho: float, sigma: float, resi
     inv_w = payload[P : P + 1].reciprocal()
     if saved:
         users = used.cpu()
-        for i, a, b, duals in saved:
+        for i, duals in saved:
             if users[i] == 0:  # no rank gave it a gradient: weights and duals stay
-                buf.duals[:, a:b].copy_(duals)
-                delta[a:b].zero_()
+                for r in range(R):
+                    bucket.duals[r * n + i].copy_(duals[r])
+                delta[i].zero_()
     if residuals is not None:
         iw = inv_w.double()
         primal = (payload[P + 1] + (unused_res * (used > 0)).sum()).double() * iw
-        dual = torch.linalg.vector_norm(delta, dtype=torch.float64).square() * iw.square()
-        residuals += torch.cat([primal.reshape(1), dual.reshape(1)])
-    if buf.dtype == cdt:
-        buf.z.addcmul_(delta, inv_w)
-    else:  # one rounding to the storage dtype, as in the single-process kernel
-        buf.z.copy_(delta.mul_(inv_w).add_(buf.z))
+        dual = torch.linalg.vector_norm(payload[:P], dtype=torch.float64).square() * iw.square()
+        part = torch.cat([primal.reshape(1), dual.reshape(1)])
+        if found_inf is not None:
+            part = torch.where(found_inf.reshape(()) != 0, torch.zeros_like(part), part)
+        residuals += part
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
+    for k, (z, d) in enumerate(zip(bucket.locals, delta)):
+        if users_zero(saved, k, used):
+            continue
+        new = (d * inv_w).add_(z.to(cdt)).to(z.dtype)
+        z.copy_(new if skip is None else torch.where(skip, z, new))
+
+
+def users_zero(saved: list, k: int, used: torch.Tensor) -> bool:
+    """Whether parameter ``k`` was untouched on every rank (its weights stay exactly)."""
+    return any(i == k for i, _ in saved) and float(used[k]) == 0
+
+
+def _group_of(opt: Any, bucket: Any) -> int:
+    for g, bufs in enumerate(opt._buckets()):
+        if any(b is bucket for b in bufs):
+            return g
+    raise RuntimeError("bucket not found")  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------- checkpoints

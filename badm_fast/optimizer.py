@@ -1,37 +1,67 @@
-"""The BADM optimizer: a thin torch.optim.Optimizer over flat buffers and a fused kernel."""
+"""The BADM optimizer: a torch.optim.Optimizer over the user's parameters and one fused kernel."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import weakref
+import numbers
 from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any, Callable
 
 import torch
 from torch.optim import Optimizer
 
-from . import _ops, backends, capture, distributed
-from .flat import SUPPORTED_DTYPES, FlatBuffer
-from .reference import compute_dtype
+from . import _ops, backends, distributed
+from .layout import SUPPORTED_DTYPES, Bucket, GradRecord, alloc_like, is_dense, is_dtensor, kernel_view, local
+from .reference import compute_dtype, lr_momentum, rho_sigma
 
 __all__ = ["BADM", "STATE_VERSION"]
 
 # Version of the state_dict layout written by BADM.state_dict(); load_state_dict refuses newer
 # ones and converts older ones.
-#   1: per-parameter duals, param groups, metadata (sub_batches, mode, step, merged_alpha).
+#   1: per-parameter duals, param groups with rho/sigma, metadata (sub_batches, mode, step, merged_alpha).
 #   2: adds "alpha", the last step's normalised weights, which makes a per-sub-batch state
 #      convertible into a merged one (pi_bar = sum_s alpha_s pi_s).
-STATE_VERSION = 2
+#   3: param groups carry lr, momentum, weight_decay, maximize (rho/sigma shown beside them).
+STATE_VERSION = 3
 MODES = ("sub_batch", "merged")
 NONFINITE = ("raise", "skip", "ignore")
+_HYPER_KEYS = ("lr", "momentum", "weight_decay", "maximize")
 
 
-def _check_rho_sigma(rho: Any, sigma: Any) -> None:
-    if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+def _number(name: str, value: Any) -> float:
+    """A real number from a Python, numpy or one-element tensor scalar (read on the host)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"Invalid {name}: {value!r} (a real number or a one-element real tensor)")
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {name}: {value!r} (a real number)")
+    return float(value)
+
+
+def check_hyper(lr: Any, momentum: Any, weight_decay: Any = 0.0) -> tuple[float, float, float]:
+    """Validate lr >= 0, 0 <= momentum < 1, weight_decay >= 0 (all finite); returns floats."""
+    lr_f, mu_f, wd_f = _number("lr", lr), _number("momentum", momentum), _number("weight_decay", weight_decay)
+    if not math.isfinite(lr_f) or lr_f < 0:
+        raise ValueError(f"Invalid lr: {lr!r} (a finite number >= 0)")
+    if not math.isfinite(mu_f) or not 0 <= mu_f < 1:
+        raise ValueError(f"Invalid momentum: {momentum!r} (a number in [0, 1))")
+    if not math.isfinite(wd_f) or wd_f < 0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (a finite number >= 0)")
+    return lr_f, mu_f, wd_f
+
+
+def _from_rho_sigma(rho: Any, sigma: Any) -> tuple[float, float]:
+    rho_f, sigma_f = _number("rho", rho), _number("sigma", sigma)
+    if not math.isfinite(sigma_f) or sigma_f <= 0:
         raise ValueError(f"Invalid sigma: {sigma!r} (the penalty must be a finite number > 0)")
-    if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+    if not math.isfinite(rho_f) or rho_f < 0:
         raise ValueError(f"Invalid rho: {rho!r} (the proximal coefficient must be a finite number >= 0)")
+    lr, mu = lr_momentum(rho_f, sigma_f)
+    if not math.isfinite(lr) or lr <= 0 or not mu < 1:
+        raise ValueError(f"Invalid rho/sigma: {rho!r}/{sigma!r} (rho + sigma overflows or rho dwarfs sigma)")
+    return lr, mu
 
 
 def normalize_weights(weights: Any, sub_batches: int) -> list[float]:
@@ -69,74 +99,71 @@ class BADM(Optimizer):
 
     Each batch is split into :math:`S` sub-batches; sub-batch :math:`s` keeps a dual
     :math:`\pi_s`. With :math:`g_s` the gradient of sub-batch :math:`s`'s mean loss at the
-    global weights :math:`z` and :math:`\alpha_s` this step's normalised sub-batch weights,
-    one step is (the fused form of the paper's primal, dual and aggregation steps):
+    global weights :math:`z` (plus :math:`\lambda z` with weight decay :math:`\lambda`),
+    :math:`\alpha_s` this step's normalised sub-batch weights, learning rate :math:`\eta` and
+    momentum :math:`\mu`, one step is (the fused form of the paper's primal, dual and aggregation
+    steps, docs/algorithm.md):
 
     .. math::
-        \pi_s &\leftarrow \frac{\rho\,\pi_s - \sigma g_s}{\rho + \sigma} \\
-        z &\leftarrow z + \sum_s \alpha_s \Big[\frac{-2 g_s}{\rho + \sigma}
-            + \frac{(\rho - \sigma)\,\pi_s^{\text{old}}}{\sigma(\rho + \sigma)}\Big]
+        \pi_s &\leftarrow \mu\,\pi_s - (1 - \mu)\,g_s \\
+        z &\leftarrow z + \eta \sum_s \alpha_s \Big[-2 g_s + \frac{2\mu - 1}{1 - \mu}\,\pi_s^{\text{old}}\Big]
 
-    At steady state this behaves like momentum SGD with learning rate :math:`1/\sigma` and
-    momentum :math:`\rho/(\rho+\sigma)`: from SGD(lr :math:`\eta`, momentum :math:`\mu`) start
-    with :math:`\sigma = 1/\eta`, :math:`\rho = \sigma\mu/(1-\mu)`.
+    The paper's penalty :math:`\sigma` and proximal coefficient :math:`\rho` are the same
+    hyperparameters in another form: :math:`\eta = 1/(\rho+\sigma)`, :math:`\mu = \rho/(\rho+\sigma)`
+    (so :math:`\rho = \mu/\eta`, :math:`\sigma = (1-\mu)/\eta`). Under a constant gradient the
+    step equals ``torch.optim.SGD(lr=lr, momentum=momentum)``'s (no dampening); ``momentum=0.5``
+    is plain SGD with learning rate :math:`2\eta`.
 
-    The parameters are re-pointed into one contiguous buffer per (group, device, dtype);
-    inside ``with opt.sub_batch(s):`` the gradients of a backward pass land in row ``s`` of
-    an ``(S, P)`` gradient buffer, and :meth:`step` makes one fused kernel call per buffer.
+    The parameters stay the user's tensors. Inside ``with opt.sub_batch(s):`` the gradients of a
+    backward pass belong to sub-batch ``s`` (copied into row ``s`` of the optimizer's gradient rows
+    when the context ends), and :meth:`step` makes one fused kernel call per (param group, device,
+    dtype) over all its parameters.
 
     Args:
-        params (iterable): parameters or dicts defining parameter groups. Create the
-            optimizer after moving/casting the model: the parameters become views of its
-            buffers. Parameters with ``requires_grad=False`` at construction are never touched.
+        params (iterable): parameters, ``(name, parameter)`` pairs, or dicts defining parameter
+            groups. A parameter with ``requires_grad=False`` gets state when it first has a gradient.
+        lr (float or Tensor, optional): learning rate :math:`\eta \ge 0` (default: 0.01). A
+            scheduler may drive it; ``lr = 0`` leaves the weights while the duals go on.
+        momentum (float or Tensor, optional): :math:`\mu \in [0, 1)` (default: 0.9).
+        weight_decay (float, optional): L2 penalty :math:`\lambda \ge 0`, added to every sub-batch's
+            gradient inside the fused pass (default: 0).
+        maximize (bool, optional): maximise the objective instead (default: False).
         sub_batches (int, optional): :math:`S`, sub-batches per batch (default: 1).
-        rho (float, optional): proximal coefficient :math:`\rho \ge 0` (default: 9.0,
-            i.e. momentum 0.9 at :math:`\sigma = 1`).
-        sigma (float, optional): penalty :math:`\sigma > 0`, about 1/learning rate (default: 10.0).
+        rho, sigma (float, optional): the paper's form of ``lr``/``momentum``; give both or neither,
+            and not together with ``lr``/``momentum``.
         backend (str, optional): ``"auto"`` (default), ``"triton"``, ``"cuda"``, ``"cpp"`` or
             ``"torch"``; see :mod:`badm_fast.backends`. :attr:`backend` tells what runs.
         mode (str, optional): ``"sub_batch"`` (default; the paper's form: one dual per
             sub-batch, one backward pass per sub-batch) or ``"merged"``: the exact fast path
-            for constant weights — one dual buffer and one backward pass over the whole batch,
-            giving the same trajectory with :math:`S` times less state. ``step`` then refuses
+            for constant weights — one dual and one backward pass over the whole batch, giving
+            the same trajectory with :math:`S` times less state. ``step`` then refuses
             weights that differ from the first step's.
-        on_nonfinite (str, optional): what a NaN or infinite gradient does: ``"raise"``
-            (default) a RuntimeError naming the parameter and sub-batch, ``"skip"`` skips the
-            step and counts it in :attr:`skipped_steps`; in both cases weights and duals are
-            left exactly as they were. ``"ignore"`` does no check (one read of the gradients
-            less per step).
-        process_group (ProcessGroup, optional): run distributed (default: None, one
-            process): every rank of the group holds the same weights and its own
-            ``sub_batches`` sub-batches; each step aggregates the sub-batches of all ranks with
-            one all-reduce per flat buffer, weights normalised over all ranks. The ranks must
-            start from identical weights and parameter layouts (checked here; RuntimeError on
-            every rank otherwise). See :mod:`badm_fast.distributed`.
-        capturable (bool, optional): capture-safe mode (default: False): rho, sigma, the
-            weights and the skip flag live in device tensors and :meth:`step` makes no host
-            synchronisation, so ``opt.step()`` can be captured in a CUDA graph and replayed.
-            Non-finite gradients (and invalid weights given as a device tensor) skip the step
-            on the device and count in :attr:`skipped_steps_tensor`; ``on_nonfinite="raise"``
-            cannot raise without a synchronisation and skips too. Parameters must be on one
-            device; back ends ``"triton"`` or ``"torch"`` ("auto" picks among them). See
-            :mod:`badm_fast.capture`.
+        on_nonfinite (str, optional): what a NaN or infinite gradient does: ``"raise"`` (default)
+            refuses the step and raises a RuntimeError naming the parameter and sub-batch (on CUDA
+            the step is refused on the device and the error is raised by the next ``step()``,
+            ``zero_grad()`` or ``state_dict()``, so no step synchronises with the host); ``"skip"``
+            refuses the step and counts it in :attr:`skipped_steps`. Weights and duals stay exactly
+            as they were. ``"ignore"`` does no check.
+        process_group (ProcessGroup, optional): run distributed: every rank of the group holds the
+            same weights and its own ``sub_batches`` sub-batches, aggregated with one all-reduce per
+            bucket; see :mod:`badm_fast.distributed`.
+        capturable (bool, optional): capture-safe mode (default: False): every decision of
+            :meth:`step` is taken on the device (never a host read), so ``opt.step()`` can be
+            captured in a CUDA graph and replayed; ``lr``/``momentum`` may be tensors.
 
-    Mixed precision: ``torch.amp.GradScaler`` works (``scaler.step(opt)``); the gradients of
-    every sub-batch are unscaled and checked, and a step with a non-finite gradient is skipped
-    without touching any state. Call ``scaler.unscale_(opt)`` only with one sub-batch (it
-    unscales the ``.grad`` tensors, i.e. one row). With the Triton back end on one CUDA device
-    (and in capturable mode) the gradients are unscaled inside the fused pass and the skip is
-    decided on the device without a host synchronisation; such skips count in
-    :attr:`skipped_steps_tensor`.
+    The defaults ``lr=0.01, momentum=0.9`` are those of the most common ``torch.optim.SGD``
+    setting, whose steady-state step BADM then takes; with one sub-batch and constant weights
+    BADM is quasi-hyperbolic momentum, and the sub-batch duals are what it adds.
 
-    ``torch.compile``: a compiled training step may call ``opt.step()``; the fused kernel
-    appears in the graph as the custom op ``badm_fast::fused_step`` (``fused_step_capturable``
-    in capturable mode), see :mod:`badm_fast._ops`. The host-side checks (parameter binding,
-    the non-finite check's synchronisation) cause graph breaks and run eagerly.
+    Mixed precision: ``torch.amp.GradScaler`` works (``scaler.step(opt)``): the gradients of every
+    sub-batch are unscaled inside the fused pass and a step with a non-finite gradient is skipped
+    on the device without touching any state. Call ``scaler.unscale_(opt)`` only with one
+    sub-batch (it unscales the ``.grad`` tensors, i.e. one sub-batch).
 
-    Gradients: a sub-batch with no backward pass since :meth:`zero_grad` has gradient zero;
-    a parameter that gets no gradient in any sub-batch of a step is skipped (its weights and
-    duals do not change), like torch.optim skips parameters whose ``.grad`` is None; one that
-    gets a gradient in some sub-batches only has gradient zero in the others.
+    Gradients: a parameter that gets no gradient in any sub-batch of a step is skipped (its
+    weights and duals do not change), like torch.optim skips parameters whose ``.grad`` is None;
+    one that gets a gradient in some sub-batches only has gradient zero in the others.
+    ``model.zero_grad()`` and ``opt.zero_grad()`` clear every sub-batch.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf (see step)
@@ -144,223 +171,506 @@ class BADM(Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
+        lr: Any = None,
+        momentum: Any = None,
+        weight_decay: Any = 0.0,
+        maximize: bool = False,
+        *,
         sub_batches: int = 1,
-        rho: float = 9.0,
-        sigma: float = 10.0,
+        rho: Any = None,
+        sigma: Any = None,
         backend: str = "auto",
         mode: str = "sub_batch",
         on_nonfinite: str = "raise",
         process_group: Any = None,
         capturable: bool = False,
     ):
-        if isinstance(sub_batches, bool) or not isinstance(sub_batches, int) or sub_batches < 1:
+        if isinstance(sub_batches, bool) or not isinstance(sub_batches, numbers.Integral) or sub_batches < 1:
             raise ValueError(f"Invalid sub_batches: {sub_batches!r} (an int >= 1)")
-        _check_rho_sigma(rho, sigma)
+        sub_batches = int(sub_batches)
+        lr, momentum = self._initial_lr_momentum(lr, momentum, rho, sigma)
+        check_hyper(lr, momentum, weight_decay)
+        if not isinstance(maximize, bool):
+            raise ValueError(f"Invalid maximize: {maximize!r} (True or False)")
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; choose one of {MODES}")
         if on_nonfinite not in NONFINITE:
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; choose one of {NONFINITE}")
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {('auto',) + backends.BACKENDS}")
-        if process_group is not None:
-            distributed.validate_process_group(process_group)
-        self.process_group = process_group
         if not isinstance(capturable, bool):
             raise ValueError(f"Invalid capturable: {capturable!r} (True or False)")
         if capturable and process_group is not None:
             raise ValueError("capturable=True is not supported with a process_group (the all-reduce step syncs)")
+        if process_group is not None:
+            distributed.validate_process_group(process_group)
+        if isinstance(lr, torch.Tensor) and not capturable:
+            if lr.numel() != 1:
+                raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        self.process_group = process_group
         self.capturable = capturable
-        self.device_state: capture.DeviceState | None = None  # device tensors of the capture-safe path
         self.sub_batches = sub_batches
         self.mode = mode
         self.on_nonfinite = on_nonfinite
-        self.skipped_steps = 0
         self.requested_backend = backend
         self._rows = 1 if mode == "merged" else sub_batches
-        self._buffers: list[list[FlatBuffer]] = []  # per group
-        self._kernels: dict[str, tuple[str, Callable[..., None]]] = {}  # device type -> (name, fn)
+        self._backend: dict[str, str] = {}  # device type -> back-end name
+        self._fns: dict[str, tuple[Callable[..., None], ...]] = {}
+        self._records: dict[int, GradRecord] = {}  # id(param) -> gradient rows (R > 1)
+        self._layout: list[list[Bucket]] | None = None
+        self._inactive: list[list[torch.Tensor]] = []  # per group: parameters without state yet
         self._active_row: int | None = None
         self._step_count = 0
+        self._skipped = 0
+        self._skipped_dev: dict[torch.device, torch.Tensor] = {}
+        self._pending: list[tuple[Any, torch.Tensor, Any]] = []  # refused CUDA steps to report
         self._merged_alpha: list[float] | None = None
         self._last_alpha: list[float] | None = None
         self._weights_cache: dict[tuple, torch.Tensor] = {}
-        self._hook_handles: list[Any] = []
-        self._detached_grads: dict[int, Any] = {}  # .grad set aside by a stray backward pass (see _make_guard)
-        self._constructing = True  # add_param_group keeps the parameters' own tensors until __init__ ends
+        self._hyper_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, tuple]] = {}
+        self._flags: dict[torch.device, torch.Tensor] = {}  # per device: this step's refusal flag
+        self._rows_fresh = True  # gradient rows cleared since the last step (their checks are complete)
+        self._device_alpha: torch.Tensor | None = None
         self.residuals: dict[str, torch.Tensor] | None = None
-        try:
-            super().__init__(params, dict(rho=rho, sigma=sigma))
-            if process_group is not None:  # same layout and weights on every rank, or RuntimeError on all
-                distributed.check_replicas(self)
-            if capturable:  # allocated now: tensors created during a capture would be reset by every replay
-                capture.state_of(self)
-        except BaseException:
-            self._release()  # the parameters of groups built so far get their own tensors back
-            raise
-        self._constructing = False
-        for buf in self._all_buffers():
-            buf.originals = None
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+        self._buckets()  # resolves the back ends now: an unavailable one is refused at construction
+        if process_group is not None:  # same layout and weights on every rank, or RuntimeError on all
+            distributed.check_replicas(self)
+
+    @staticmethod
+    def _initial_lr_momentum(lr: Any, momentum: Any, rho: Any, sigma: Any) -> tuple[Any, Any]:
+        if (rho is None) != (sigma is None):
+            raise ValueError("give both rho and sigma (the paper's form) or neither")
+        if rho is not None:
+            if lr is not None or momentum is not None:
+                raise ValueError(
+                    "give either lr/momentum or rho/sigma, not both (lr = 1/(rho+sigma), momentum = rho/(rho+sigma))"
+                )
+            return _from_rho_sigma(rho, sigma)
+        return (0.01 if lr is None else lr), (0.9 if momentum is None else momentum)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
-        _check_rho_sigma(group.get("rho", self.defaults["rho"]), group.get("sigma", self.defaults["sigma"]))
+        if ("rho" in group) or ("sigma" in group):
+            if "lr" in group or "momentum" in group:
+                raise ValueError("a param group gives either lr/momentum or rho/sigma, not both")
+            rho0, sigma0 = rho_sigma(_number("lr", self.defaults["lr"]), _number("momentum", self.defaults["momentum"]))
+            group["lr"], group["momentum"] = _from_rho_sigma(group.pop("rho", rho0), group.pop("sigma", sigma0))
         for p in group["params"]:
+            if isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], torch.Tensor):
+                continue  # (name, parameter): checked by the base class
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"optimizer can only optimize Tensors, got {type(p).__name__}")
-            if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:
-                raise ValueError(f"BADM supports {[str(d) for d in SUPPORTED_DTYPES]} parameters, got {p.dtype}")
-            if p.requires_grad and not p.is_leaf:
-                raise ValueError("can't optimize a non-leaf Tensor")
-        n_before = len(self.param_groups)
-        super().add_param_group(group)  # checks duplicates, fills defaults
-        if len(self.param_groups) == n_before:  # pragma: no cover - base class raised
-            return
+        for key in _HYPER_KEYS:
+            if key in group:
+                continue
+            group[key] = self.defaults[key]
+        check_hyper(group["lr"], group["momentum"], group["weight_decay"])
+        super().add_param_group(group)  # checks duplicates, fills defaults, records param_names
+        added = self.param_groups[-1]
         try:
-            bufs = self._build_buffers(self.param_groups[-1])
+            for p in added["params"]:
+                self._check_param(p)
         except Exception:
             self.param_groups.pop()
             raise
-        self._buffers.append(bufs)
-        if not self._constructing:
-            for buf in bufs:
-                buf.originals = None
-
-    def _release(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
-        for buf in self._all_buffers():
-            buf.release()
-        self._buffers.clear()
-
-    def _build_buffers(self, group: dict[str, Any]) -> list[FlatBuffer]:
-        buckets: dict[tuple, list[torch.Tensor]] = {}
-        for p in group["params"]:
+        inactive = []
+        for p in added["params"]:
             if p.requires_grad:
-                buckets.setdefault((p.device, p.dtype), []).append(p)
-        if self.capturable:
-            devices = {d for d, _ in buckets} | {buf.device for buf in self._all_buffers()}
-            if len(devices) > 1:
-                raise ValueError(
-                    f"capturable=True needs every parameter on one device, got {sorted(map(str, devices))}"
-                )
-        for device, _ in buckets:
-            if device.type not in self._kernels:
-                name = backends.resolve(self.requested_backend, device.type, capturable=self.capturable)
-                self._kernels[device.type] = (name, backends.kernel_for(name))
-        bufs = [FlatBuffer(ps, self._rows) for ps in buckets.values()]
-        for buf in bufs:
-            for i, p in enumerate(buf.params):
-                self.state[p] = {"duals": buf.dual_view(i)}
-                self._hook_handles.append(p.register_post_accumulate_grad_hook(self._make_hook(buf, i)))
-                if self._rows > 1:
-                    self._hook_handles.append(p.register_hook(self._make_guard(p)))
-        return bufs
+                self._init_state(p)
+            else:
+                inactive.append(p)
+        self._inactive.append(inactive)
+        self._layout = None
 
-    # The hooks live on the parameters, which outlive the optimizer: they hold only weak
-    # references, so an optimizer that is dropped (and its gradient and dual buffers) is freed.
-    def _make_guard(self, param: torch.Tensor) -> Callable[[torch.Tensor], None]:
-        """A backward pass outside any sub-batch context (with several rows) must not accumulate
-        into the row ``p.grad`` still points at: this hook runs before accumulation and detaches
-        ``p.grad``, so autograd makes a fresh tensor, and the post-accumulate hook raises."""
-        opt_ref, param_ref = weakref.ref(self), weakref.ref(param)
+    def _check_param(self, p: torch.Tensor) -> None:
+        if p.dtype not in SUPPORTED_DTYPES and not p.is_complex():
+            raise ValueError(f"BADM supports {[str(d) for d in SUPPORTED_DTYPES]} parameters, got {p.dtype}")
+        if p.is_complex() and torch.view_as_real(p.detach()).dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"BADM supports complex parameters of real dtypes {SUPPORTED_DTYPES}, got {p.dtype}")
+        if not p.is_leaf:
+            raise ValueError("can't optimize a non-leaf Tensor")
+        if not is_dense(local(p)):
+            raise ValueError(
+                f"BADM needs parameters whose elements are dense in memory, got shape {tuple(p.shape)} with "
+                f"strides {p.stride()}"
+            )
 
-        def guard(grad: torch.Tensor) -> None:
-            opt, p = opt_ref(), param_ref()
-            if opt is not None and p is not None and opt._active_row is None:
-                opt._detached_grads[id(p)] = p.grad
-                p.grad = None
+    def _init_state(self, p: torch.Tensor) -> None:
+        """Zero duals (and gradient rows for R > 1) for ``p``."""
+        base = torch.view_as_real(p.detach()) if p.is_complex() else p
+        self.state[p] = {"duals": alloc_like(base, self._rows, compute_dtype(base.dtype))}
+        if self._rows > 1:
+            self._records[id(p)] = GradRecord(alloc_like(base, self._rows, base.dtype), self._rows)
 
-        return guard
-
-    def _make_hook(self, buf: FlatBuffer, i: int) -> Callable[[torch.Tensor], None]:
-        opt_ref, buf_ref, param_ref = weakref.ref(self), weakref.ref(buf), weakref.ref(buf.params[i])
-
-        def hook(p: torch.Tensor) -> None:
-            opt, buf = opt_ref(), buf_ref()
-            if opt is None or buf is None or p is not param_ref():  # optimizer gone, or a copy of the parameter
-                return
-            row = opt._active_row
-            if row is None:
-                if opt._rows != 1:
-                    p.grad = opt._detached_grads.pop(id(p), None)  # as before the backward pass
-                    raise RuntimeError(
-                        f"BADM(sub_batches={opt.sub_batches}): run each sub-batch's backward pass inside "
-                        "`with opt.sub_batch(s):` so its gradient lands in row s"
+    # ------------------------------------------------------------------ layout
+    def _buckets(self) -> list[list[Bucket]]:
+        if self._layout is None:
+            self._layout = [self._group_buckets(g) for g in self.param_groups]
+            for bufs in self._layout:
+                for b in bufs:
+                    if b.device.type not in self._backend:
+                        name = backends.resolve(self.requested_backend, b.device.type)
+                        self._backend[b.device.type] = name
+                        self._fns[b.device.type] = backends.get(name)
+            if self.capturable:
+                devices = {b.device for bufs in self._layout for b in bufs}
+                if len(devices) > 1:
+                    raise ValueError(
+                        f"capturable=True needs every parameter on one device, got {sorted(map(str, devices))}"
                     )
-                row = 0
-            buf.absorb_grad(row, i)
+        return self._layout
 
-        return hook
+    def _group_buckets(self, group: dict[str, Any]) -> list[Bucket]:
+        by_key: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}
+        for k, p in enumerate(group["params"]):
+            if p not in self.state:
+                continue
+            t = kernel_view(p)
+            by_key.setdefault((t.device, t.dtype), ([], []))
+            by_key[(t.device, t.dtype)][0].append(p)
+            by_key[(t.device, t.dtype)][1].append(k)
+        records = self._records if self._rows > 1 else None
+        return [Bucket(ps, idx, self.state, records, self._rows) for ps, idx in by_key.values()]
+
+    def _all_buckets(self) -> Iterable[Bucket]:
+        for bufs in self._buckets():
+            yield from bufs
+
+    def _activate_new(self) -> None:
+        """Give state to parameters that had none and now have a gradient (unfrozen ones)."""
+        changed = False
+        for inactive in self._inactive:
+            if not inactive:
+                continue
+            for p in [p for p in inactive if p.grad is not None]:
+                self._check_param(p)
+                self._init_state(p)
+                inactive.remove(p)
+                changed = True
+        if changed:
+            self._layout = None
+
+    def _revalidate(self) -> None:
+        """Compare every parameter with its state: before the first step, a parameter that was
+        moved or cast (``model.to(...)``, ``.double()``) gets fresh zero state; after it, that is
+        an error (its duals belong to the old tensor)."""
+        changed = False
+        for g, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if st is None:
+                    continue
+                d = local(st["duals"])
+                t = kernel_view(p)
+                ok = d.device == t.device and d.dtype == compute_dtype(t.dtype) and tuple(d.shape[1:]) == tuple(t.shape)
+                ok = ok and (d.dim() < 2 or d[0].stride() == t.stride() or t.numel() <= 1)
+                if ok:
+                    continue
+                if self._step_count > 0:
+                    raise RuntimeError(
+                        f"parameter {k} of param group {g} changed to shape {tuple(t.shape)}, {t.dtype}, {t.device} "
+                        f"after the first step (its duals are {tuple(d.shape[1:])}, {d.dtype}, {d.device}); move or cast "
+                        "the model before the first step, or load a state_dict saved for the new layout"
+                    )
+                self._check_param(p)
+                self._init_state(p)
+                changed = True
+        if changed:
+            self._layout = None
+            self._weights_cache.clear()
+            self._hyper_cache.clear()
 
     @property
     def backend(self) -> str | dict[str, str]:
         """The back end that runs the fused step (a dict by device type if they differ)."""
-        names = {dev: name for dev, (name, _) in self._kernels.items()}
+        self._buckets()
+        names = dict(self._backend)
         if len(set(names.values())) == 1:
             return next(iter(names.values()))
         return names if names else backends.resolve(self.requested_backend, "cpu")
 
-    @property
-    def skipped_steps_tensor(self) -> torch.Tensor:
-        """Steps skipped on the device (capturable mode, fused GradScaler path): a 0-dim int64
-        tensor on the parameters' device, updated without host synchronisation. Steps skipped
-        by the host-checked path count in :attr:`skipped_steps` instead."""
-        return capture.state_of(self).skipped
-
-    def _all_buffers(self) -> Iterable[FlatBuffer]:
-        for bufs in self._buffers:
-            yield from bufs
-
     # ------------------------------------------------------------------ gradients
     @contextlib.contextmanager
     def sub_batch(self, s: int):
-        """Gradients of backward passes inside this context land in row ``s``."""
+        """Gradients of backward passes inside this context belong to sub-batch ``s``.
+
+        With several sub-batches, ``p.grad`` inside the context is this sub-batch's gradient
+        (clip or inspect it there); when the context ends it is copied into row ``s``.
+        """
         if self.mode == "merged":
             raise ValueError(
                 "mode='merged' takes one backward pass over the whole batch; sub_batch() is for mode='sub_batch'"
             )
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.sub_batches:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < self.sub_batches:
             raise ValueError(f"sub-batch index {s!r} out of range [0, {self.sub_batches})")
         if self._active_row is not None:
             raise RuntimeError(f"already inside sub_batch({self._active_row}); contexts do not nest")
-        for buf in self._all_buffers():
-            buf.begin_row(s)
+        s = int(s)
+        if self._rows == 1:  # one sub-batch: .grad is its gradient
+            self._active_row = s
+            try:
+                yield self
+            finally:
+                self._active_row = None
+            return
+        self._report_pending()
+        self._sync_grads()
+        for p in self._managed():
+            p.grad = None
         self._active_row = s
         try:
             yield self
+        except BaseException:
+            for p in self._managed():  # a failed sub-batch leaves its row as it was
+                p.grad = None
+            for b in self._all_buckets():
+                for rec in b.records:
+                    rec.left = None
+            raise
         finally:
             self._active_row = None
+        self._absorb(s)
+
+    def sub_batch_grad(self, p: torch.Tensor, s: int) -> torch.Tensor | None:
+        """Sub-batch ``s``'s gradient of parameter ``p`` as the next step will use it (a view: writing
+        to it changes it), or None when ``p`` has none in any sub-batch. With one row, ``p.grad``."""
+        if self._rows == 1:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < self.sub_batches:
+                raise ValueError(f"sub-batch index {s!r} out of range [0, {self.sub_batches})")
+            return p.grad
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < self._rows:
+            raise ValueError(f"sub-batch index {s!r} out of range [0, {self._rows})")
+        rec = self._records.get(id(p))
+        if rec is None:
+            raise ValueError(f"parameter of shape {tuple(p.shape)} has no gradient rows in this optimizer")
+        self._sync_grads()
+        self._prepare_rows()
+        if not any(rec.state):
+            return None
+        self._rows_fresh = False  # the caller may write into the row: check the rows again at the step
+        return rec.rows[s]
+
+    def _managed(self) -> Iterable[torch.Tensor]:
+        for group in self.param_groups:
+            yield from group["params"]
+
+    def _flag(self, device: torch.device) -> torch.Tensor:
+        f = self._flags.get(device)
+        if f is None:
+            f = torch.zeros(1, dtype=torch.float32, device=device)
+            self._flags[device] = f
+        return f
+
+    def _check(self) -> bool:
+        return self.on_nonfinite != "ignore"
+
+    @torch.no_grad()
+    def _absorb(self, s: int) -> None:
+        """Copy every ``p.grad`` of sub-batch ``s`` into row ``s`` (checking it in the same read)."""
+        self._activate_new()
+        check = self._check()
+        for b in self._all_buckets():
+            grads = b.grads()
+            n = len(grads)
+            fresh: list[torch.Tensor | None] = []
+            again = []
+            for i, (g, rec) in enumerate(zip(grads, b.records)):
+                if g is not None and rec.state[s] == 1:
+                    again.append(i)
+                    fresh.append(None)
+                else:
+                    fresh.append(g)
+            dst = b.grad_rows[s * n : (s + 1) * n]
+            if any(g is not None for g in fresh):
+                if not all(d.stride() == g.stride() for d, g in zip(dst, fresh) if g is not None):
+                    fresh = [self._like(d, g) for d, g in zip(dst, fresh)]
+                self._fns[b.device.type][2](dst, fresh, self._flag(b.device) if check else None)
+            if again:  # a second context for the same sub-batch: accumulate
+                torch._foreach_add_([dst[i] for i in again], [grads[i] for i in again])
+                if check:
+                    self._fns[b.device.type][1]([dst[i] for i in again], self._flag(b.device))
+            for p, g, rec in zip(b.params, grads, b.records):
+                if g is not None:
+                    rec.state[s] = 1
+                rec.left = p.grad
+                rec.left_version = p.grad._version if p.grad is not None else 0
+
+    @staticmethod
+    def _like(d: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor | None:
+        """``g`` in the memory layout of ``d`` (a gradient assigned with other strides)."""
+        if g is None or g.stride() == d.stride():
+            return g
+        out = torch.empty_like(d)
+        out.copy_(g)
+        return out
+
+    def _sync_grads(self) -> None:
+        """With several sub-batches, take in what happened to ``.grad`` since the last sub-batch
+        ended: ``model.zero_grad()`` (None) clears the parameter's rows; an in-place zeroing
+        (``zero_grad(set_to_none=False)``) zeroes them; any other change is refused, because it
+        would reach one sub-batch only."""
+        for b in self._all_buckets():
+            for k, p, rec in zip(b.index, b.params, b.records):
+                g = p.grad
+                if g is rec.left:
+                    if g is None or g._version == rec.left_version:
+                        continue
+                    if not bool((g == 0).all()):
+                        raise RuntimeError(self._changed_message(k, p, "was modified in place"))
+                    rec.state = [2] * self._rows
+                    rec.left_version = g._version
+                elif g is None:
+                    rec.state = [0] * self._rows
+                    rec.left = None
+                else:
+                    raise RuntimeError(self._changed_message(k, p, "was assigned"))
+
+    def _changed_message(self, k: int, p: torch.Tensor, what: str) -> str:
+        return (
+            f"BADM(sub_batches={self.sub_batches}): the .grad of parameter {k} (shape {tuple(p.shape)}) {what} "
+            "outside `with opt.sub_batch(s):` — by a backward pass outside any sub-batch, an assignment, or an "
+            "in-place edit such as clip_grad_norm_ after the last sub-batch — which would reach one sub-batch only. "
+            "Run each sub-batch's backward and clipping inside its context, use opt.clip_grad_norm_(max_norm) or "
+            "opt.set_grads(s, params, grads), and clear gradients with opt.zero_grad() or model.zero_grad()"
+        )
 
     def set_grads(self, s: int, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """Write the gradients of sub-batch ``s`` directly (as if its backward pass had run
         inside ``sub_batch(s)``), e.g. gradients computed by ``torch.func``."""
         rows = self._rows
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < rows:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < rows:
             raise ValueError(f"sub-batch index {s!r} out of range [0, {rows})")
         params, grads = list(params), list(grads)
         if len(params) != len(grads):
             raise ValueError(f"got {len(params)} parameters but {len(grads)} gradients")
-        where = {id(p): (buf, i) for buf in self._all_buffers() for i, p in enumerate(buf.params)}
+        managed = {id(p) for p in self._managed()}
         for p, g in zip(params, grads):  # check everything before writing anything
-            if id(p) not in where:
+            if id(p) not in managed:
                 raise ValueError(f"parameter of shape {tuple(p.shape)} is not managed by this optimizer")
-            buf, i = where[id(p)]
-            buf.check_grad(i, g)
-        for p, g in zip(params, grads):
-            buf, i = where[id(p)]
-            buf.write_grad(s, i, g)
+            if not isinstance(g, torch.Tensor):
+                raise ValueError(f"gradient must be a tensor, got {type(g).__name__}")
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"BADM does not support sparse gradients (shape {tuple(p.shape)}); use a dense layer "
+                    "(e.g. nn.Embedding(sparse=False))"
+                )
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        with torch.no_grad():
+            if rows == 1:
+                for p, g in zip(params, grads):
+                    out = torch.empty_like(p)
+                    out.copy_(g.detach())
+                    p.grad = out
+                return
+            self._sync_grads()
+            for p, g in zip(params, grads):
+                if p not in self.state:
+                    p.grad = torch.zeros_like(p)
+            self._activate_new()
+            self._sync_grads()
+            where = {id(p): rec for b in self._all_buckets() for p, rec in zip(b.params, b.records)}
+            for p, g in zip(params, grads):
+                rec = where[id(p)]
+                row = local(rec.rows)[s]
+                row.copy_(g.detach())
+                if self._check():
+                    self._fns[row.device.type][1]([row], self._flag(row.device))
+                rec.state[s] = 1
 
+    @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients of all sub-batches (``p.grad`` is None or a zeroed view)."""
-        for buf in self._all_buffers():
-            buf.zero_grad(set_to_none)
+        """Reset the gradients of every sub-batch (``p.grad`` is None, or zero)."""
+        self._report_pending()
+        for p in self._managed():
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+        if self._rows > 1 and self._layout is not None:
+            for b in self._layout:
+                for bucket in b:
+                    for p, rec in zip(bucket.params, bucket.records):
+                        rec.state = [0 if set_to_none else 2] * self._rows
+                        rec.left = p.grad
+                        rec.left_version = p.grad._version if p.grad is not None else 0
+        for f in self._flags.values():
+            f.zero_()
+        self._rows_fresh = True
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the gradient of every sub-batch to ``max_norm`` (over all parameters of this
+        optimizer, like ``torch.nn.utils.clip_grad_norm_`` does for one gradient); returns the
+        norms before clipping, one per sub-batch (shape ``(S,)``; ``(1,)`` with one row)."""
+        max_norm = _number("max_norm", max_norm)
+        if self._rows == 1:
+            grads = [p.grad for p in self._managed() if p.grad is not None]
+            if not grads:
+                return torch.zeros(1)
+            norm = torch.nn.utils.get_total_norm(grads, norm_type)
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=None)
+            return norm.reshape(1)
+        self._sync_grads()
+        self._prepare_rows()
+        norms = []
+        for s in range(self._rows):
+            rows = [local(rec.rows)[s] for b in self._all_buckets() for rec in b.records if any(rec.state)]
+            if not rows:
+                norms.append(torch.zeros((), dtype=torch.float32))
+                continue
+            norm = torch.nn.utils.get_total_norm(rows, norm_type)
+            torch.nn.utils.clip_grads_with_norm_(rows, max_norm, norm, foreach=None)
+            norms.append(norm.to(rows[0].device))
+        return torch.stack([n.to(norms[0].device) for n in norms])
+
+    @torch.no_grad()
+    def _prepare_rows(self) -> None:
+        """Zero the rows that hold no gradient of a parameter that has one in some row."""
+        for b in self._all_buckets():
+            for rec in b.records:
+                st = rec.state
+                if all(x == 1 for x in st) or not any(st):
+                    continue
+                rows = local(rec.rows)
+                for r, x in enumerate(st):
+                    if x != 1:
+                        rows[r].zero_()
+                        st[r] = 1
 
     # ------------------------------------------------------------------ step
-    def _weights_tensor(self, alpha: list[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    @property
+    def skipped_steps(self) -> int:
+        """Steps refused so far (a non-finite gradient, GradScaler's found_inf, invalid device weights).
+        Reading it synchronises with devices that decided on their own."""
+        return self._skipped + sum(int(t.item()) for t in self._skipped_dev.values())
+
+    @property
+    def skipped_steps_tensor(self) -> torch.Tensor:
+        """Steps refused on the device, a 0-dim int64 tensor on the parameters' device (no host
+        synchronisation to keep it); steps refused by a host decision count in :attr:`skipped_steps`."""
+        device = next(iter(b.device for b in self._all_buckets()), torch.device("cpu"))
+        return self._skipped_counter(device)
+
+    def _skipped_counter(self, device: torch.device) -> torch.Tensor:
+        t = self._skipped_dev.get(device)
+        if t is None:
+            t = torch.zeros((), dtype=torch.int64, device=device)
+            self._skipped_dev[device] = t
+        return t
+
+    def _weights_tensor(self, alpha: Sequence[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (tuple(alpha), device, dtype)
         t = self._weights_cache.get(key)
         if t is None:
@@ -370,81 +680,102 @@ class BADM(Optimizer):
             self._weights_cache[key] = t
         return t
 
-    def _step_alpha(self, weights: Any) -> tuple[list[float], list[float]]:
-        """This step's normalised weights, and the weights the kernel uses (``[1.0]`` when merged)."""
+    def _step_alpha(self, weights: Any) -> list[float]:
+        """This step's normalised weights (validated; merged mode: the same at every step)."""
         alpha = normalize_weights(weights, self.sub_batches)
-        if self.mode == "sub_batch":
-            return alpha, alpha
-        if self._merged_alpha is not None and any(abs(a - b) > 1e-12 for a, b in zip(alpha, self._merged_alpha)):
-            raise ValueError(
-                "mode='merged' requires the same sub-batch weights at every step (its exactness rests on "
-                f"constant weights); got {alpha}, earlier {self._merged_alpha}. Use mode='sub_batch' for "
-                "ragged or re-weighted batches"
-            )
-        return alpha, [1.0]
-
-    @_ops.not_traced  # host bookkeeping (parameter data pointers, gradient-row flags)
-    def _prepare_buffers(self) -> None:
-        """Re-bind replaced parameters, adopt directly assigned gradients, zero stale rows."""
-        for buf in self._all_buffers():
-            buf.check_binding()
-            buf.adopt_assigned_grads()
-            buf.prepare_rows()
-
-    @_ops.not_traced  # synchronises with the host
-    def _gradients_ok(self) -> bool:
-        """Unscale (under GradScaler) and check the gradients of every row before any state
-        changes. Returns False when the step must be skipped; raises for on_nonfinite="raise"."""
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step around our step()
-        grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is not None:
-            if grad_scale is None and self._rows > 1:
-                raise RuntimeError(
-                    "scaler.unscale_(opt) unscales only the .grad tensors, i.e. one sub-batch's row; with "
-                    "sub_batches > 1 let scaler.step(opt) unscale all rows (do not call scaler.unscale_)"
+        if self.mode == "merged" and self._merged_alpha is not None:
+            if any(abs(a - b) > 1e-12 for a, b in zip(alpha, self._merged_alpha)):
+                raise ValueError(
+                    "mode='merged' requires the same sub-batch weights at every step (its exactness rests on "
+                    f"constant weights); got {alpha}, earlier {self._merged_alpha}. Use mode='sub_batch' for "
+                    "ragged or re-weighted batches"
                 )
-            inv = None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(1)
-            total = torch.as_tensor(found_inf).double().sum().cpu()  # 0 when no .grad was set
-            for buf in self._all_buffers():
-                flag = torch.zeros(1, dtype=torch.float32, device=buf.device)
-                scale = inv.to(buf.device) if inv is not None else torch.ones(1, device=buf.device)
-                torch._amp_foreach_non_finite_check_and_unscale_([buf.grads], flag, scale)
-                total += flag.double().sum().cpu()
-            return total.item() == 0  # else GradScaler lowers its scale; nothing changed
+        return alpha
 
-        if self.on_nonfinite == "ignore":
-            return True
-        # A NaN or Inf anywhere makes the sum non-finite. Summed in the storage dtype (an fp32
-        # accumulation of bf16 is several times slower: bench/results), except fp16, whose
-        # range (65504) a sum of finite gradients would often exceed. A finite sum that
-        # overflows anyway is caught by _locate_nonfinite, which finds no culprit.
-        sums = [
-            buf.grads.sum(dtype=torch.float32 if buf.dtype == torch.float16 else None).reshape(1).double().cpu()
-            for buf in self._all_buffers()
-        ]
-        if not sums or bool(torch.isfinite(torch.cat(sums)).all()):
-            return True
-        where = self._locate_nonfinite()
-        if where is None:  # the sum overflowed, every gradient is finite
-            return True
-        if self.on_nonfinite == "skip":
-            return False
-        g, k, shape, row = where
-        raise RuntimeError(
-            f"non-finite gradient in parameter {k} of param group {g} (shape {shape}), sub-batch {row}; "
-            "the step was refused and weights and duals are unchanged "
-            "(BADM(..., on_nonfinite='skip') skips such steps instead)"
-        )
+    def _group_hyper(self, g: int, group: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The group's ``[lr, momentum, weight_decay, maximize]`` in a float64 tensor on ``device``,
+        rewritten only when a value changed (tensor values are copied on the device, every step)."""
+        if "rho" in group or "sigma" in group:  # written in the paper's form: honoured
+            rho = group.pop("rho", None)
+            sigma = group.pop("sigma", None)
+            cur_rho, cur_sigma = rho_sigma(_number("lr", group["lr"]), _number("momentum", group["momentum"]))
+            group["lr"], group["momentum"] = _from_rho_sigma(
+                cur_rho if rho is None else rho, cur_sigma if sigma is None else sigma
+            )
+        key = (g, device)
+        values = tuple(group[k] if isinstance(group[k], torch.Tensor) else float(group[k]) for k in _HYPER_KEYS)
+        cached = self._hyper_cache.get(key)
+        tensors = any(isinstance(v, torch.Tensor) for v in values)
+        if cached is not None and not tensors and cached[1] == values:
+            return cached[0]
+        if not tensors:
+            check_hyper(*values[:3])
+        t = cached[0] if cached is not None else torch.zeros(4, dtype=torch.float64, device=device)
+        if tensors:
+            for i, v in enumerate(values):
+                if isinstance(v, torch.Tensor):
+                    t[i].copy_(v.detach().reshape(()))
+                else:
+                    t[i].fill_(v)
+        else:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"lr/momentum/weight_decay of param group {g} changed since the last step outside the CUDA graph "
+                    "capture; a write during capture would be replayed and pin the value. Run opt.step() once "
+                    "before capturing, or give lr/momentum as tensors (capturable=True) and update them in place"
+                )
+            t.copy_(torch.tensor(values, dtype=torch.float64))
+        self._hyper_cache[key] = (t, values)
+        return t
 
-    def _locate_nonfinite(self) -> tuple[int, int, tuple, int] | None:
-        for g, group in enumerate(self.param_groups):
-            index = {id(p): k for k, p in enumerate(group["params"])}
-            for buf in self._buffers[g]:
-                for r in range(buf.rows):
-                    for i, p in enumerate(buf.params):
-                        if not bool(torch.isfinite(buf.grad_view(r, i)).all()):
-                            return g, index[id(p)], tuple(p.shape), r
-        return None
+    def _device_weights(self, weights: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Capture-safe weights: normalised on the device; returns a 0-dim bool 'invalid' tensor."""
+        S = self.sub_batches
+        if weights.shape != (S,) or not weights.is_floating_point():
+            raise ValueError(
+                f"weights as a device tensor must be a floating-point tensor of shape ({S},), got "
+                f"{tuple(weights.shape)} {weights.dtype}"
+            )
+        if self._device_alpha is None:
+            self._device_alpha = torch.full((S,), 1.0 / S, dtype=torch.float64, device=device)
+        w = weights.detach().to(torch.float64)
+        total = w.sum()
+        invalid = ~(torch.isfinite(w).all() & (w >= 0).all() & (total > 0))
+        self._device_alpha.copy_(torch.where(invalid, self._device_alpha, w / torch.where(invalid, 1.0, total)))
+        return invalid
+
+    def _report_pending(self) -> None:
+        """Raise for a step refused on the device with on_nonfinite="raise" (reported here, at the
+        next host-side call, so that the step itself never waited for the device)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for event, host_flag, where in pending:
+            if event is not None:
+                event.synchronize()
+            if float(host_flag[0]) != 0:
+                raise RuntimeError(
+                    f"the previous step was refused: a non-finite gradient {where}; weights and duals are "
+                    "unchanged (BADM(..., on_nonfinite='skip') skips such steps without raising)"
+                )
+
+    def _locate_nonfinite(self) -> str:
+        for b in self._all_buckets():
+            g_idx = next(i for i, bufs in enumerate(self._buckets()) if b in bufs)
+            if b.grad_rows is not None:
+                n = len(b.params)
+                for r in range(self._rows):
+                    for i, k in enumerate(b.index):
+                        if not bool(torch.isfinite(b.grad_rows[r * n + i]).all()):
+                            shape = tuple(b.params[i].shape)
+                            return f"in parameter {k} of param group {g_idx} (shape {shape}), sub-batch {r}"
+            else:
+                for i, (k, g) in enumerate(zip(b.index, b.grads())):
+                    if g is not None and not bool(torch.isfinite(g).all()):
+                        return f"in parameter {k} of param group {g_idx} (shape {tuple(b.params[i].shape)}), sub-batch 0"
+        if self.process_group is not None:
+            return "on another rank of the process group"
+        return "(the gradients overflowed the step's arithmetic)"
 
     def step(self, closure: Callable[[], Any] | None = None, *, weights: Any = None, residuals: bool = False):
         r"""Performs one BADM step: updates every dual and aggregates into the weights.
@@ -453,90 +784,251 @@ class BADM(Optimizer):
             closure (Callable, optional): re-evaluates the model (running the sub-batches'
                 backward passes) and returns the loss.
             weights (sequence of float or Tensor, optional): this step's sub-batch weights,
-                e.g. the sub-batch sizes; normalised to sum 1 (default: equal).
+                e.g. the sub-batch sizes; normalised to sum 1 (default: equal). With
+                ``capturable=True`` a float tensor on the parameters' device is read there.
             residuals (bool, optional): also compute, in the same pass, the primal residual
                 :math:`\sqrt{\sum_s \alpha_s \|w_s' - z\|^2}` and the dual residual
                 :math:`\sigma \|z' - z\|` over all parameters; stored in :attr:`residuals`
                 as 0-dim float64 tensors on the parameters' device (no host synchronisation).
         """
-        on_device = self.capturable or capture.uses_fused_amp(self)  # decided on the device, no host sync
-        if not on_device:  # refuse invalid weights and hyperparameters before the closure's backward passes
-            alpha, kernel_alpha = self._step_alpha(weights)
-            for group in self.param_groups:
-                _check_rho_sigma(group["rho"], group["sigma"])
+        self._report_pending()
+        device_weights = (
+            self.capturable and isinstance(weights, torch.Tensor) and weights.device == self._param_device()
+        )
+        alpha = None if device_weights else self._step_alpha(weights)
+        if device_weights and self.mode == "merged":
+            raise ValueError(
+                "mode='merged' checks on the host that the weights stay constant; pass them as a list, or use "
+                "mode='sub_batch' for weights in a device tensor"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if on_device:
-            capture.step(self, weights, residuals)
-            return loss
-        self._prepare_buffers()
-        if not (self._gradients_ok() if self.process_group is None else distributed.gradients_ok(self)):
-            self._record_step(alpha, skipped=True)
-            return loss
-        sums = None  # [primal^2, dual^2]
-        with torch.no_grad():
-            for group, bufs in zip(self.param_groups, self._buffers):
-                rho, sigma = float(group["rho"]), float(group["sigma"])
-                for buf in bufs:
-                    name, fn = self._kernels[buf.device.type]
-                    w = self._weights_tensor(kernel_alpha, buf.device, compute_dtype(buf.dtype))
-                    res = torch.zeros(2, dtype=torch.float64, device=buf.device) if residuals else None
-                    if self.process_group is not None:  # all ranks' sub-batches, one all-reduce
-                        distributed.buffer_step(self, buf, weights, rho, sigma, res)
-                    else:
-                        for a, b in buf.active_runs():
-                            if torch.compiler.is_compiling():  # one graph node, see badm_fast._ops
-                                _ops.fused_step(
-                                    buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res, name
-                                )
-                            else:
-                                fn(buf.z[a:b], buf.grads[:, a:b], buf.duals[:, a:b], w, rho, sigma, res)
-                    if residuals:
-                        part = res * res.new_tensor([1.0, sigma * sigma])
-                        sums = part if sums is None else sums + part.to(sums.device)
-        self._record_step(alpha, sums, residuals)
+        self._raw_step_weights = weights
+        ran = self._step(alpha, weights if device_weights else None, residuals)
+        self._record_step(alpha, ran)
         return loss
+
+    def _param_device(self) -> torch.device | None:
+        for b in self._all_buckets():
+            return b.device
+        return None
+
+    @_ops.not_traced
+    def _prepare(self) -> list[list[Bucket]]:
+        """Host bookkeeping before a step: new, moved or cast parameters; gradient rows."""
+        self._activate_new()
+        if self._step_count == 0 or not self._native:  # compiled back ends check the layout themselves
+            self._revalidate()
+        layout = self._buckets()
+        if self._rows > 1:
+            self._sync_grads()
+            self._prepare_rows()
+        return layout
+
+    def _step(self, alpha: list[float] | None, device_weights: torch.Tensor | None, residuals: bool) -> bool:
+        """The one step loop of every mode. Returns False when the step was refused on the host."""
+        layout = self._prepare()
+        found_inf_in = getattr(self, "found_inf", None)  # set by GradScaler.step around our step()
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf_in is not None and grad_scale is None and self._rows > 1:
+            raise RuntimeError(
+                "scaler.unscale_(opt) unscales only the .grad tensors, i.e. one sub-batch; with "
+                "sub_batches > 1 let scaler.step(opt) unscale all rows (do not call scaler.unscale_)"
+            )
+        check = self._check()
+        if self.process_group is not None and not (check or found_inf_in is not None):
+            distributed.agree(self, {})  # the layout check after add_param_group
+        devices = sorted({b.device for bufs in layout for b in bufs}, key=str)
+        host_decides = not self.capturable and (len(devices) > 1 or all(d.type == "cpu" for d in devices))
+        # every group's hyperparameters, validated before anything changes
+        hypers = [[self._group_hyper(g, group, b.device) for b in bufs]
+                  for g, (group, bufs) in enumerate(zip(self.param_groups, layout))]
+        if not self._native:
+            for b in (b for bufs in layout for b in bufs):
+                self._check_grads(b)
+        invalid = None
+        if device_weights is not None:
+            invalid = self._device_weights(device_weights, devices[0] if devices else device_weights.device)
+        # 1. the refusal flag of each device: non-finite gradients, GradScaler's found_inf, invalid weights
+        flags: dict[torch.device, torch.Tensor] = {}
+        with torch.no_grad():
+            use_flag = check or found_inf_in is not None or invalid is not None
+            if use_flag:
+                for d in devices:
+                    f = self._flag(d)
+                    if self._rows == 1:
+                        f.zero_()
+                    flags[d] = f
+                if check:
+                    for b in (b for bufs in layout for b in bufs):
+                        if self._rows == 1:
+                            self._fns[b.device.type][1](b.grads(), flags[b.device])
+                        elif not self._rows_fresh:  # rows carried over from an earlier step: check again
+                            self._fns[b.device.type][1](b.grad_rows, flags[b.device])
+                extra = None
+                if isinstance(found_inf_in, torch.Tensor):
+                    extra = found_inf_in.reshape(-1)[:1].to(torch.float32)
+                elif found_inf_in:
+                    extra = torch.ones(1)
+                if invalid is not None:
+                    inv_f = invalid.reshape(1).to(torch.float32)
+                    extra = inv_f if extra is None else torch.maximum(extra.to(inv_f.device), inv_f)
+                if extra is not None:
+                    for d, f in flags.items():
+                        f.copy_(torch.maximum(f, extra.to(d)))
+                if self.process_group is not None:
+                    distributed.agree(self, flags)
+                if host_decides and len(devices) > 1:  # one decision for every device
+                    bad = any(float(f[0]) != 0 for f in flags.values())
+                    for f in flags.values():
+                        f.fill_(1.0 if bad else 0.0)
+            inv = None
+            if grad_scale is not None:
+                inv = grad_scale.double().reciprocal().float().reshape(1)
+            # 2. the fused pass, one call per bucket
+            sums = None
+            for bufs, hyper_g in zip(layout, hypers):
+                for b, hyper in zip(bufs, hyper_g):
+                    w = self._kernel_weights(alpha, b)
+                    res = torch.zeros(2, dtype=torch.float64, device=b.device) if residuals else None
+                    flag = flags.get(b.device)
+                    inv_b = inv.to(b.device) if inv is not None else None
+                    if self.process_group is not None:
+                        distributed.bucket_step(self, b, hyper, res, flag, inv_b)
+                    else:
+                        self._run_kernel(b, w, hyper, res, flag, inv_b)
+                    if residuals:
+                        lr, mu = hyper[0], hyper[1]
+                        sigma = torch.where(lr > 0, (1.0 - mu) / torch.where(lr > 0, lr, 1.0), 0.0)
+                        part = torch.stack((res[0], res[1] * sigma * sigma))
+                        sums = part if sums is None else sums + part.to(sums.device)
+            # 3. the decision
+            ran = True
+            if flags:
+                if host_decides:
+                    bad = any(float(f[0]) != 0 for f in flags.values())
+                    if bad:
+                        ran = False
+                        self._skipped += 1
+                        if self.on_nonfinite == "raise" and found_inf_in is None and invalid is None:
+                            where = self._locate_nonfinite()
+                            self._rows_fresh = False
+                            raise RuntimeError(
+                                f"non-finite gradient {where}; the step was refused and weights and duals are "
+                                "unchanged (BADM(..., on_nonfinite='skip') skips such steps instead)"
+                            )
+                else:
+                    for d, f in flags.items():
+                        self._skipped_counter(d).add_((f != 0).sum())
+                    if self.on_nonfinite == "raise" and found_inf_in is None and invalid is None and not self.capturable:
+                        for d, f in flags.items():
+                            host = torch.empty(1, dtype=torch.float32, pin_memory=d.type == "cuda")
+                            host.copy_(f, non_blocking=True)
+                            event = torch.cuda.Event() if d.type == "cuda" else None
+                            if event is not None:
+                                event.record()
+                            self._pending.append((event, host, f"on {d}"))
+            if residuals:
+                if sums is None:
+                    sums = torch.zeros(2, dtype=torch.float64, device=devices[0] if devices else "cpu")
+                self._set_residuals(sums)
+        self._rows_fresh = False
+        return ran
+
+    def _kernel_weights(self, alpha: list[float] | None, b: Bucket) -> torch.Tensor:
+        if self._rows == 1:
+            return self._weights_tensor((1.0,), b.device, b.compute_dtype)
+        if alpha is None:  # device weights (capturable)
+            return self._device_alpha.to(b.compute_dtype)
+        return self._weights_tensor(alpha, b.device, b.compute_dtype)
+
+    def _run_kernel(self, b: Bucket, w, hyper, res, flag, inv) -> None:
+        grads = b.grads() if b.grad_rows is None else self._row_grads(b)
+        if b.grad_rows is None and not all(g is None or g.stride() == t.stride() for g, t in zip(grads, b.locals)):
+            grads = [self._like(t, g) for t, g in zip(b.locals, grads)]
+        name = self._backend[b.device.type]
+        if torch.compiler.is_compiling():
+            _ops.fused_step(b.locals, grads, b.duals, w, hyper, res, flag, inv, name)
+            return
+        try:
+            self._fns[b.device.type][0](b.locals, grads, b.duals, w, hyper, res, flag, inv)
+        except (RuntimeError, ValueError):
+            self._layout = None
+            self._revalidate()  # a clearer error for a parameter cast or moved after the first step
+            self._check_grads(b)
+            raise
+
+    @property
+    def _native(self) -> bool:
+        """Whether every bucket runs a compiled back end (which validates its arguments itself)."""
+        return all(name in ("cpp", "cuda") for name in self._backend.values())
+
+    def _check_grads(self, b: Bucket) -> None:
+        """Raise a clear error for a gradient no kernel can read (sparse)."""
+        for k, p in zip(b.index, b.params):
+            g = p.grad
+            if g is not None and g.layout != torch.strided:
+                raise RuntimeError(
+                    f"BADM does not support sparse gradients (parameter {k}, shape {tuple(p.shape)}); "
+                    "use a dense layer (e.g. nn.Embedding(sparse=False))"
+                )
+
+    def _row_grads(self, b: Bucket) -> list[torch.Tensor | None]:
+        """Row views for R > 1, with row 0 None for a parameter without a gradient in any row."""
+        n = len(b.params)
+        if all(all(x == 1 for x in rec.state) for rec in b.records):
+            return b.grad_rows
+        grads = list(b.grad_rows)
+        for i, rec in enumerate(b.records):
+            if not any(rec.state):
+                grads[i] = None
+        assert len(grads) == n * self._rows
+        return grads
 
     # Attribute writes on an Optimizer made in code Dynamo traces are dropped (torch 2.13; see
     # pytorch/pytorch#171590), so the step's bookkeeping always runs eagerly.
     @_ops.not_traced
-    def _record_step(
-        self,
-        alpha: list[float] | None,
-        sums: torch.Tensor | None = None,
-        residuals: bool = False,
-        skipped: bool = False,
-    ) -> None:
-        if skipped:
-            self.skipped_steps += 1
+    def _record_step(self, alpha: list[float] | None, ran: bool) -> None:
+        if not ran:
             return
         if self.mode == "merged" and self._merged_alpha is None:
             self._merged_alpha = alpha
         self._last_alpha = alpha
         self._step_count += 1
-        if residuals:
-            sums = torch.zeros(2, dtype=torch.float64) if sums is None else sums
-            self.residuals = {"primal": sums[0].sqrt(), "dual": sums[1].sqrt()}
+
+    @_ops.not_traced
+    def _set_residuals(self, sums: torch.Tensor) -> None:
+        self.residuals = {"primal": sums[0].sqrt(), "dual": sums[1].sqrt()}
 
     # ------------------------------------------------------------------ state
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim-compatible state: per-parameter ``duals`` (copies) under the parameter's
-        index, the param groups, and BADM's metadata under ``"badm"`` (versioned)."""
+        """torch.optim-compatible state (its hooks run in torch's order): per-parameter ``duals``
+        under the parameter's index, the param groups (lr/momentum, and rho/sigma beside them),
+        ``param_names`` where the groups have names, and BADM's metadata under ``"badm"`` (versioned)."""
+        self._report_pending()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         index: dict[int, int] = {}
         groups = []
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
+            lr = _number("lr", group["lr"])
+            mu = _number("momentum", group["momentum"])
+            packed["rho"], packed["sigma"] = rho_sigma(lr, mu)
             packed["params"] = []
             for p in group["params"]:
                 index.setdefault(id(p), len(index))
                 packed["params"].append(index[id(p)])
             groups.append(packed)
         state = {}
-        for buf in self._all_buffers():
-            for i, p in enumerate(buf.params):
-                state[index[id(p)]] = {"duals": buf.dual_view(i).clone()}
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st is not None:
+                    state[index[id(p)]] = {"duals": st["duals"].clone()}
         meta = {
             "version": STATE_VERSION,
             "sub_batches": self.sub_batches,
@@ -545,12 +1037,31 @@ class BADM(Optimizer):
             "merged_alpha": list(self._merged_alpha) if self._merged_alpha is not None else None,
             "alpha": list(self._last_alpha) if self._last_alpha is not None else None,
         }
-        return {"state": state, "param_groups": groups, "badm": meta}
+        state_dict = {"state": state, "param_groups": groups, "badm": meta}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict`. Everything is checked before anything changes:
-        a state whose layout does not match (version, sub-batches, mode, groups, shapes) raises
-        ValueError and leaves the optimizer as it was."""
+        """Load a state from :meth:`state_dict` (versions 1 to 3; torch's load_state_dict hooks run
+        in torch's order). Everything is checked before anything changes: a state whose layout does
+        not match (version, sub-batches, mode, groups, shapes) raises ValueError and leaves the
+        optimizer as it was."""
+        if not isinstance(state_dict, dict):
+            raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
+        state_dict = state_dict.copy()  # shallow, like torch.optim
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
         meta = state_dict.get("badm")
@@ -582,40 +1093,76 @@ class BADM(Optimizer):
             raise ValueError(
                 f"state has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
             )
+        new_hyper = []
         for k, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     f"parameter group {k} has {len(g['params'])} parameters, the state {len(sg['params'])}"
                 )
-            _check_rho_sigma(sg.get("rho", g["rho"]), sg.get("sigma", g["sigma"]))
+            try:
+                if version >= 3 and "lr" in sg:
+                    lr, mu = sg["lr"], sg.get("momentum", g["momentum"])
+                elif "rho" in sg or "sigma" in sg:
+                    lr, mu = _from_rho_sigma(sg.get("rho"), sg.get("sigma"))
+                else:
+                    lr, mu = g["lr"], g["momentum"]
+                check_hyper(lr, mu, sg.get("weight_decay", g.get("weight_decay", 0.0)))
+            except ValueError as exc:
+                raise ValueError(f"param group {k} of the state: {exc}") from None
+            new_hyper.append((lr, mu))
         # Map saved indices to our parameters and check every dual's shape first.
         updates = []
         for g, sg in zip(self.param_groups, saved_groups):
             for p, idx in zip(g["params"], sg["params"]):
                 entry = saved_state.get(idx)
-                if not p.requires_grad:
-                    continue
+                if entry is None and p not in self.state:
+                    continue  # no state saved and none here: stays without state
+                if entry is None:
+                    if not p.requires_grad:
+                        continue  # frozen here and without state there: its state stays
+                    raise ValueError(f"state has no duals for parameter {idx} (shape {tuple(p.shape)})")
                 if not isinstance(entry, dict) or "duals" not in entry:
                     raise ValueError(f"state has no duals for parameter {idx} (shape {tuple(p.shape)})")
                 d = entry["duals"]
-                want = (meta["rows"], *p.shape)
+                want = (meta["rows"], *p.shape, *((2,) if p.is_complex() else ()))
                 if not isinstance(d, torch.Tensor) or tuple(d.shape) != want:
                     got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
                     raise ValueError(f"duals of parameter {idx} have shape {got}, expected {want}")
                 if not d.is_floating_point():
                     raise ValueError(f"duals of parameter {idx} have dtype {d.dtype}, expected a floating dtype")
-                if not bool(torch.isfinite(d).all()):
+                if not bool(torch.isfinite(local(d) if is_dtensor(d) else d).all()):
                     raise ValueError(f"duals of parameter {idx} are not finite (a corrupted checkpoint?)")
                 updates.append((p, d))
-        views = {id(p): buf.dual_view(i) for buf in self._all_buffers() for i, p in enumerate(buf.params)}
         with torch.no_grad():
             for p, d in updates:
-                view = views[id(p)]
-                view.copy_(convert(d.to(device=view.device, dtype=torch.float64)))
-        for g, sg in zip(self.param_groups, saved_groups):
+                if p not in self.state or self._state_mismatch(p):
+                    self._check_param(p)
+                    self._init_state(p)
+                    for inactive in self._inactive:
+                        if any(q is p for q in inactive):
+                            inactive[:] = [q for q in inactive if q is not p]
+                target = self.state[p]["duals"]
+                if d is None:
+                    target.zero_()
+                    continue
+                if is_dtensor(target):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = d.full_tensor() if is_dtensor(d) else d
+                    full = convert(full.to(device=local(target).device, dtype=torch.float64))
+                    placed = distribute_tensor(full, target.device_mesh, target.placements)
+                    local(target).copy_(local(placed))
+                else:
+                    target.copy_(convert(d.to(device=target.device, dtype=torch.float64)))
+        for g, sg, (lr, mu) in zip(self.param_groups, saved_groups, new_hyper):
             for k, v in sg.items():
-                if k != "params":
+                if k not in ("params", "rho", "sigma", "param_names"):
                     g[k] = v
+            if "param_names" in sg and "param_names" in g:
+                g["param_names"] = sg["param_names"]
+            g["lr"], g["momentum"] = lr, mu
+            g.setdefault("weight_decay", 0.0)
+            g.setdefault("maximize", False)
         self._step_count = step
         if meta["mode"] == self.mode:
             self._merged_alpha = saved_alphas["merged_alpha"]
@@ -623,6 +1170,13 @@ class BADM(Optimizer):
         else:  # converted: merged -> sub_batch keeps no weights; sub_batch -> merged fixes them
             self._merged_alpha = meta["convert_alpha"] if self.mode == "merged" else None
             self._last_alpha = self._merged_alpha
+        self._layout = None
+        self._hyper_cache.clear()
+
+    def _state_mismatch(self, p: torch.Tensor) -> bool:
+        d = local(self.state[p]["duals"])
+        t = kernel_view(p)
+        return d.device != t.device or tuple(d.shape[1:]) != tuple(t.shape)
 
     def _dual_converter(self, meta: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
         """Check the saved layout against ours; return the map from saved duals to ours.
@@ -669,20 +1223,38 @@ class BADM(Optimizer):
             "param_groups": self.param_groups,
             "defaults": self.defaults,
             "config": dict(
-                sub_batches=self.sub_batches, backend=self.requested_backend, mode=self.mode, capturable=self.capturable
+                sub_batches=self.sub_batches,
+                backend=self.requested_backend,
+                mode=self.mode,
+                capturable=self.capturable,
+                on_nonfinite=self.on_nonfinite,
             ),
             "badm_state": self.state_dict(),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "badm_state" not in state:  # torch's own load_state_dict path: plain attributes
+            self.__dict__.update(state)
+            return
         groups = [dict(g) for g in state["param_groups"]]
-        cfg = state["config"]
-        self.__init__(groups, rho=state["defaults"]["rho"], sigma=state["defaults"]["sigma"], **cfg)
+        for g in groups:
+            g.pop("param_names", None)
+        d = state["defaults"]
+        self.__init__(
+            groups, lr=d["lr"], momentum=d["momentum"], weight_decay=d.get("weight_decay", 0.0),
+            maximize=d.get("maximize", False), **state["config"],
+        )
         self.load_state_dict(state["badm_state"])
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (sub_batches={self.sub_batches}, mode={self.mode!r}, backend={self.backend!r}"]
         for i, group in enumerate(self.param_groups):
             n = sum(p.numel() for p in group["params"])
-            lines.append(f"  Parameter Group {i}: rho={group['rho']}, sigma={group['sigma']}, elements={n}")
+            lr, mu = _number("lr", group["lr"]), _number("momentum", group["momentum"])
+            rho, sigma = rho_sigma(lr, mu)
+            lines.append(
+                f"  Parameter Group {i}: lr={group['lr']}, momentum={group['momentum']}, "
+                f"weight_decay={group['weight_decay']}, maximize={group['maximize']} "
+                f"(rho={rho:.6g}, sigma={sigma:.6g}), elements={n}"
+            )
         return "\n".join(lines) + "\n)"
