@@ -129,8 +129,8 @@ class BADM(Optimizer):
             gradient inside the fused pass (default: 0).
         maximize (bool, optional): maximise the objective instead (default: False).
         sub_batches (int, optional): :math:`S`, sub-batches per batch (default: 1).
-        rho, sigma (float, optional): the paper's form of ``lr``/``momentum``; give both or neither,
-            and not together with ``lr``/``momentum``.
+        rho, sigma (float, optional): the paper's form of ``lr``/``momentum`` (not together with
+            them); one given alone is completed with the paper form's defaults ``rho=9``, ``sigma=10``.
         backend (str, optional): ``"auto"`` (default), ``"triton"``, ``"cuda"``, ``"cpp"`` or
             ``"torch"``; see :mod:`badm_fast.backends`. :attr:`backend` tells what runs.
         mode (str, optional): ``"sub_batch"`` (default; the paper's form: one dual per
@@ -240,14 +240,13 @@ class BADM(Optimizer):
 
     @staticmethod
     def _initial_lr_momentum(lr: Any, momentum: Any, rho: Any, sigma: Any) -> tuple[Any, Any]:
-        if (rho is None) != (sigma is None):
-            raise ValueError("give both rho and sigma (the paper's form) or neither")
-        if rho is not None:
+        if rho is not None or sigma is not None:
             if lr is not None or momentum is not None:
                 raise ValueError(
                     "give either lr/momentum or rho/sigma, not both (lr = 1/(rho+sigma), momentum = rho/(rho+sigma))"
                 )
-            return _from_rho_sigma(rho, sigma)
+            # the paper form's own defaults fill the one not given (rho = 9, sigma = 10)
+            return _from_rho_sigma(9.0 if rho is None else rho, 10.0 if sigma is None else sigma)
         return (0.01 if lr is None else lr), (0.9 if momentum is None else momentum)
 
     # ------------------------------------------------------------------ param groups

@@ -517,7 +517,6 @@ def test_model_load_state_dict_and_replaced_data_are_stepped_in_place():
         ({"rho": 1.0, "sigma": float("nan")}, "Invalid sigma"),
         ({"rho": -0.1, "sigma": 1.0}, "Invalid rho"),
         ({"rho": float("inf"), "sigma": 1.0}, "Invalid rho"),
-        ({"rho": 1.0}, "give both rho and sigma"),
         ({"rho": 1.0, "sigma": 2.0, "lr": 0.1}, "either lr/momentum or rho/sigma"),
         ({"lr": -0.1}, "Invalid lr"),
         ({"lr": float("nan")}, "Invalid lr"),
