@@ -23,14 +23,17 @@ Environment switches:
     it. ``BADM_FAST_FORCE_CUDA=0`` never builds it. Unset: build it when possible.
 ``BADM_FAST_CUDA_ARCH_LIST``
     GPU architectures of the CUDA build, in the format of torch's ``TORCH_CUDA_ARCH_LIST`` (to
-    which it is copied). Default: ``TORCH_CUDA_ARCH_LIST`` if set, else ``"8.0;9.0"``.
+    which it is copied). Default: ``TORCH_CUDA_ARCH_LIST`` if set, else ``"8.0;9.0+PTX"``: machine code
+    for sm_80 and sm_90 and the PTX of sm_90, which the driver compiles for newer GPUs when the
+    extension is first loaded there.
 ``MAX_JOBS``
     Number of parallel compile jobs (read by torch's BuildExtension; default: all cores).
 ``CXX``
     The C++ compiler (default ``c++``).
 
 The extension is compiled with ``-O3 -g0`` (no debug info roughly halves the build time),
-without fast-math (IEEE arithmetic, as the reference), in the C++ standard torch's
+without fast-math (IEEE arithmetic, as the reference; the CUDA kernel also with ``--fmad=false``,
+no multiply-add contraction), in the C++ standard torch's
 BuildExtension selects for the installed torch (C++20 for torch 2.13, C++17 for older ones),
 and with OpenMP so that ``at::parallel_for`` uses torch's thread pool. On x86-64 with GCC the CPU kernel is compiled
 for three instruction sets (baseline, AVX2, AVX-512) and picks at run time the one that torch
@@ -170,9 +173,11 @@ def _extensions():
         if os.environ.get("BADM_FAST_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["BADM_FAST_CUDA_ARCH_LIST"]
         else:
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += _rel("csrc/cuda/*.cpp") + _rel("csrc/cuda/*.cu")
-        nvcc_flags = ["-O3"]
+        # No contraction into fused multiply-adds: bit-identical to the reference (the kernel
+        # also spells every operation with an explicitly rounded intrinsic).
+        nvcc_flags = ["-O3", "--fmad=false"]
         ext = CUDAExtension(
             f"{NAME}._C",
             sources,

@@ -1,37 +1,60 @@
-// Launcher of the CUDA kernel of the fused BADM step. Plain CUDA C++ (no torch headers): the
-// kernel source compiles standalone with nvcc; binding_cuda.cpp wires it into badm_fast._C.
+// Launchers of the multi-tensor CUDA kernels of badm_fast (badm_kernel.cu): the fused BADM step
+// and the non-finite check / checked copy, the kernel contract of badm_fast/reference.py
+// (fused_step_, nonfinite_check_, copy_check_). Plain CUDA C++ (no torch headers): the kernel
+// source compiles standalone with nvcc; binding_cuda.cpp validates the tensors and calls these.
+//
+// Every launcher enqueues on `stream` only: no allocation, no host synchronisation, no copy;
+// every device value (hyperparameters, weights, found_inf, inv_scale) is read by the kernels.
+// CUDA graph capture records the launches with their arguments by value (badm_tables.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "badm_tables.h"
+
 namespace badm_fast::cuda {
 
-// Storage dtype of z and grads. The arithmetic, the duals and the weights are double for
-// kFloat64 and float otherwise.
+// Storage dtype of the params and gradients. The arithmetic, the duals and the weights are
+// double for kFloat64 and float otherwise.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// Raw view of one call (device pointers; sizes, strides and offsets are 64-bit element counts).
-struct StepArgs {
+// One fused step over M items (device pointers). The caller has dropped the items that the
+// contract skips (no gradient, or no elements); each item's param, gradient rows and dual rows
+// are numel consecutive elements in memory.
+struct StepCall {
   DType dtype;
-  void* z;                  // (P,) contiguous, storage dtype
-  const void* grads;        // (S, P) storage dtype, unit inner stride
-  void* duals;              // (S, P) compute dtype, unit inner stride
-  const void* weights;      // (S,) compute dtype, contiguous
-  int64_t P;                // number of elements (0: nothing is launched)
-  int64_t S;                // number of sub-batches, >= 1
-  int64_t grad_row_stride;  // elements between rows of grads
-  int64_t dual_row_stride;  // elements between rows of duals
-  double rho;               // proximal coefficient, >= 0
-  double sigma;             // penalty, > 0
-  double* residuals;        // nullptr, or 2 doubles (residual_stride apart) that the kernel adds to
+  int64_t rows;              // R, 1 <= R <= kMaxStepRows
+  int64_t items;             // M
+  void* const* params;       // [M] storage dtype
+  const void* const* grads;  // [R*M] storage dtype, grads[r*M + m] is row r of item m
+  void* const* duals;        // [R*M] compute dtype, duals[r*M + m]
+  const int64_t* numel;      // [M], > 0
+  const double* hyper;       // [lr, momentum, weight_decay, maximize], hyper_stride apart
+  int64_t hyper_stride;
+  const void* weights;  // (R,) compute dtype, weight_stride apart
+  int64_t weight_stride;
+  const float* found_inf;  // nullptr, or one float: non-zero skips the whole step
+  const float* inv_scale;  // nullptr, or one float multiplying every gradient first
+  double* residuals;       // nullptr, or 2 doubles (residual_stride apart) to add to
   int64_t residual_stride;
+  double* partials;  // with residuals: scratch of 2 * fused_step_blocks(...) doubles
 };
 
-// Enqueues the step on `stream`. Uses 16-byte vector loads and stores when z, grads and duals
-// (base pointers and row strides) are 16-byte aligned, scalar accesses otherwise. Returns the
-// launch status (cudaSuccess, or the error of an invalid configuration); never synchronises.
-cudaError_t launch_fused_step(const StepArgs& args, cudaStream_t stream);
+// The number of blocks of all launches of a step over these sizes: the residual partial sums
+// need 2 doubles each.
+int64_t fused_step_blocks(DType dtype, const int64_t* numel, int64_t items);
+
+// Enqueues the step (one launch per table, then, with residuals, one reduction launch).
+// Returns cudaErrorInvalidValue for a call outside the limits (rows, sizes), else the launch
+// status.
+cudaError_t launch_fused_step(const StepCall& call, cudaStream_t stream);
+
+// A non-finite check (dst == nullptr) or a copy src -> dst with (found_inf != nullptr) or
+// without the check, over byte ranges (CheckItems). The check raises found_inf to 1 (found_inf
+// = max(found_inf, 1)) when a lane of a FloatKind item is a NaN or an infinity; it never lowers
+// it.
+cudaError_t launch_check(const CheckItems& items, float* found_inf, cudaStream_t stream);
 
 }  // namespace badm_fast::cuda
