@@ -1,5 +1,11 @@
 r"""The kernel contract as ``torch.library`` custom ops, so that ``torch.compile`` can trace ``opt.step()``.
 
+``badm_fast::nonfinite_check(Tensor?[] tensors, Tensor(a!) found_inf, str backend) -> ()``
+    :func:`badm_fast.reference.nonfinite_check_` of back end ``backend``: raises the skip flag.
+
+``badm_fast::copy_check(Tensor(a!)[] dst, Tensor?[] src, Tensor(b!)? found_inf, str backend) -> ()``
+    :func:`badm_fast.reference.copy_check_` of back end ``backend``.
+
 ``badm_fast::fused_step(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] duals, Tensor weights,
 Tensor hyper, Tensor(c!)? residuals, Tensor? found_inf, Tensor? inv_scale, str backend) -> ()``
     :func:`badm_fast.reference.fused_step_` run by back end ``backend`` (:mod:`badm_fast.backends`).
@@ -29,7 +35,7 @@ from torch import Tensor
 
 from . import backends
 
-__all__ = ["fused_step", "not_traced"]
+__all__ = ["copy_check", "fused_step", "nonfinite_check", "not_traced", "register_extension_fakes"]
 
 _F = TypeVar("_F", bound=Callable)
 
@@ -74,3 +80,35 @@ def fused_step(
 @fused_step.register_fake
 def _fused_step_fake(params, grads, duals, weights, hyper, residuals, found_inf, inv_scale, backend) -> None:
     return None
+
+
+@torch.library.custom_op("badm_fast::nonfinite_check", mutates_args=("found_inf",))
+def nonfinite_check(tensors: list[Optional[Tensor]], found_inf: Tensor, backend: str) -> None:
+    """Set ``found_inf`` to 1 when a tensor holds a NaN or an infinity (never clears it)."""
+    backends.get(backend)[1](tensors, found_inf)
+
+
+@nonfinite_check.register_fake
+def _nonfinite_check_fake(tensors, found_inf, backend) -> None:
+    return None
+
+
+@torch.library.custom_op("badm_fast::copy_check", mutates_args=("dst", "found_inf"))
+def copy_check(dst: list[Tensor], src: list[Optional[Tensor]], found_inf: Optional[Tensor], backend: str) -> None:
+    """``dst[i] <- src[i]`` and the non-finite check of the copied values in the same read."""
+    backends.get(backend)[2](dst, src, found_inf)
+
+
+@copy_check.register_fake
+def _copy_check_fake(dst, src, found_inf, backend) -> None:
+    return None
+
+
+def register_extension_fakes() -> None:
+    """Fake (meta) implementations of the compiled extension's ops, which mutate in place and
+    return nothing, so that tracing through them works too."""
+    for op in ("fused_step_ext", "nonfinite_check_ext", "copy_check_ext"):
+        try:
+            torch.library.register_fake(f"badm_fast::{op}", lambda *args, **kwargs: None)
+        except RuntimeError:  # already registered, or the op is absent
+            pass

@@ -111,6 +111,9 @@ def _extension_probe(want: str) -> Callable[[str], tuple[bool, str, BaseExceptio
 
 def _extension_functions():
     _load_extension()
+    from . import _ops
+
+    _ops.register_extension_fakes()
     ops = torch.ops.badm_fast
     return ops.fused_step_ext, ops.nonfinite_check_ext, ops.copy_check_ext
 

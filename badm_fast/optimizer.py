@@ -6,6 +6,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -92,6 +93,23 @@ def normalize_weights(weights: Any, sub_batches: int) -> list[float]:
     w = [x / top for x in w]  # first scale to [0, 1]: the sum of huge weights must not overflow
     total = sum(w)
     return [x / total for x in w]
+
+
+@dataclass
+class _Plan:
+    """What one step works on, decided on the host before any kernel runs."""
+
+    buckets: list[Bucket]
+    hypers: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    devices: list[torch.device]
+    flags: dict[torch.device, torch.Tensor]
+    check: bool
+    recheck_rows: bool
+    found_inf: Any
+    inv: torch.Tensor | None
+    invalid: torch.Tensor | None
+    host_decides: bool
 
 
 class BADM(Optimizer):
@@ -488,7 +506,11 @@ class BADM(Optimizer):
             if any(g is not None for g in fresh):
                 if not all(d.stride() == g.stride() for d, g in zip(dst, fresh) if g is not None):
                     fresh = [self._like(d, g) for d, g in zip(dst, fresh)]
-                self._fns[b.device.type][2](dst, fresh, self._flag(b.device) if check else None)
+                flag = self._flag(b.device) if check else None
+                if torch.compiler.is_compiling():
+                    _ops.copy_check(dst, fresh, flag, self._backend[b.device.type])
+                else:
+                    self._fns[b.device.type][2](dst, fresh, flag)
             if again:  # a second context for the same sub-batch: accumulate
                 torch._foreach_add_([dst[i] for i in again], [grads[i] for i in again])
                 if check:
@@ -827,7 +849,16 @@ class BADM(Optimizer):
         return layout
 
     def _step(self, alpha: list[float] | None, device_weights: torch.Tensor | None, residuals: bool) -> bool:
-        """The one step loop of every mode. Returns False when the step was refused on the host."""
+        """The one step loop of every mode (host-checked, capture-safe, compiled, distributed).
+        Returns False when the step was refused by a host decision."""
+        plan = self._plan(alpha, device_weights)
+        with torch.no_grad():
+            self._raise_flags(plan)
+            sums = self._fused_pass(plan, residuals)
+        return self._decide(plan, sums, residuals)
+
+    @_ops.not_traced  # host bookkeeping and validation: runs eagerly, so no value here is a graph constant
+    def _plan(self, alpha: list[float] | None, device_weights: torch.Tensor | None) -> _Plan:
         layout = self._prepare()
         found_inf_in = getattr(self, "found_inf", None)  # set by GradScaler.step around our step()
         grad_scale = getattr(self, "grad_scale", None)
@@ -839,100 +870,131 @@ class BADM(Optimizer):
         check = self._check()
         if self.process_group is not None and not (check or found_inf_in is not None):
             distributed.agree(self, {})  # the layout check after add_param_group
-        devices = sorted({b.device for bufs in layout for b in bufs}, key=str)
-        host_decides = not self.capturable and (len(devices) > 1 or all(d.type == "cpu" for d in devices))
+        buckets = [b for bufs in layout for b in bufs]
+        devices = sorted({b.device for b in buckets}, key=str)
         # every group's hyperparameters, validated before anything changes
-        hypers = [[self._group_hyper(g, group, b.device) for b in bufs]
-                  for g, (group, bufs) in enumerate(zip(self.param_groups, layout))]
+        hypers = [self._group_hyper(g, group, b.device)
+                  for g, (group, bufs) in enumerate(zip(self.param_groups, layout)) for b in bufs]
         if not self._native:
-            for b in (b for bufs in layout for b in bufs):
+            for b in buckets:
                 self._check_grads(b)
         invalid = None
         if device_weights is not None:
             invalid = self._device_weights(device_weights, devices[0] if devices else device_weights.device)
-        # 1. the refusal flag of each device: non-finite gradients, GradScaler's found_inf, invalid weights
         flags: dict[torch.device, torch.Tensor] = {}
-        with torch.no_grad():
-            use_flag = check or found_inf_in is not None or invalid is not None
-            if use_flag:
-                for d in devices:
-                    f = self._flag(d)
-                    if self._rows == 1:
-                        f.zero_()
-                    flags[d] = f
-                if check:
-                    for b in (b for bufs in layout for b in bufs):
-                        if self._rows == 1:
-                            self._fns[b.device.type][1](b.grads(), flags[b.device])
-                        elif not self._rows_fresh:  # rows carried over from an earlier step: check again
-                            self._fns[b.device.type][1](b.grad_rows, flags[b.device])
-                extra = None
-                if isinstance(found_inf_in, torch.Tensor):
-                    extra = found_inf_in.reshape(-1)[:1].to(torch.float32)
-                elif found_inf_in:
-                    extra = torch.ones(1)
-                if invalid is not None:
-                    inv_f = invalid.reshape(1).to(torch.float32)
-                    extra = inv_f if extra is None else torch.maximum(extra.to(inv_f.device), inv_f)
-                if extra is not None:
-                    for d, f in flags.items():
-                        f.copy_(torch.maximum(f, extra.to(d)))
-                if self.process_group is not None:
-                    distributed.agree(self, flags)
-                if host_decides and len(devices) > 1:  # one decision for every device
-                    bad = any(float(f[0]) != 0 for f in flags.values())
-                    for f in flags.values():
-                        f.fill_(1.0 if bad else 0.0)
-            inv = None
-            if grad_scale is not None:
-                inv = grad_scale.double().reciprocal().float().reshape(1)
-            # 2. the fused pass, one call per bucket
-            sums = None
-            for bufs, hyper_g in zip(layout, hypers):
-                for b, hyper in zip(bufs, hyper_g):
-                    w = self._kernel_weights(alpha, b)
-                    res = torch.zeros(2, dtype=torch.float64, device=b.device) if residuals else None
-                    flag = flags.get(b.device)
-                    inv_b = inv.to(b.device) if inv is not None else None
-                    if self.process_group is not None:
-                        distributed.bucket_step(self, b, hyper, res, flag, inv_b)
-                    else:
-                        self._run_kernel(b, w, hyper, res, flag, inv_b)
-                    if residuals:
-                        lr, mu = hyper[0], hyper[1]
-                        sigma = torch.where(lr > 0, (1.0 - mu) / torch.where(lr > 0, lr, 1.0), 0.0)
-                        part = torch.stack((res[0], res[1] * sigma * sigma))
-                        sums = part if sums is None else sums + part.to(sums.device)
-            # 3. the decision
-            ran = True
-            if flags:
-                if host_decides:
-                    bad = any(float(f[0]) != 0 for f in flags.values())
-                    if bad:
-                        ran = False
-                        self._skipped += 1
-                        if self.on_nonfinite == "raise" and found_inf_in is None and invalid is None:
-                            where = self._locate_nonfinite()
-                            self._rows_fresh = False
-                            raise RuntimeError(
-                                f"non-finite gradient {where}; the step was refused and weights and duals are "
-                                "unchanged (BADM(..., on_nonfinite='skip') skips such steps instead)"
-                            )
-                else:
-                    for d, f in flags.items():
-                        self._skipped_counter(d).add_((f != 0).sum())
-                    if self.on_nonfinite == "raise" and found_inf_in is None and invalid is None and not self.capturable:
-                        for d, f in flags.items():
-                            host = torch.empty(1, dtype=torch.float32, pin_memory=d.type == "cuda")
-                            host.copy_(f, non_blocking=True)
-                            event = torch.cuda.Event() if d.type == "cuda" else None
-                            if event is not None:
-                                event.record()
-                            self._pending.append((event, host, f"on {d}"))
+        if check or found_inf_in is not None or invalid is not None:
+            for d in devices:
+                f = self._flag(d)
+                if self._rows == 1:
+                    f.zero_()
+                flags[d] = f
+        inv = None
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float().reshape(1)
+        weights = [self._kernel_weights(alpha, b) for b in buckets]
+        return _Plan(
+            buckets=buckets,
+            hypers=hypers,
+            weights=weights,
+            devices=devices,
+            flags=flags,
+            check=check,
+            recheck_rows=self._rows > 1 and not self._rows_fresh,
+            found_inf=found_inf_in,
+            inv=inv,
+            invalid=invalid,
+            host_decides=not self.capturable and (len(devices) > 1 or all(d.type == "cpu" for d in devices)),
+        )
+
+    def _raise_flags(self, plan: _Plan) -> None:
+        """The refusal flag of each device: non-finite gradients, GradScaler's found_inf, invalid
+        device weights; all read on the device."""
+        if not plan.flags:
+            return
+        if plan.check:
+            for b in plan.buckets:
+                if self._rows == 1:
+                    self._nonfinite(b, b.grads(), plan.flags[b.device])
+                elif plan.recheck_rows:  # rows carried over from an earlier step: check them again
+                    self._nonfinite(b, b.grad_rows, plan.flags[b.device])
+        extra = None
+        if isinstance(plan.found_inf, torch.Tensor):
+            extra = plan.found_inf.reshape(-1)[:1].to(torch.float32)
+        elif plan.found_inf:
+            extra = torch.ones(1)
+        if plan.invalid is not None:
+            inv_f = plan.invalid.reshape(1).to(torch.float32)
+            extra = inv_f if extra is None else torch.maximum(extra.to(inv_f.device), inv_f)
+        if extra is not None:
+            for d, f in plan.flags.items():
+                f.copy_(torch.maximum(f, extra.to(d)))
+        if self.process_group is not None:
+            distributed.agree(self, plan.flags)
+        if plan.host_decides and len(plan.flags) > 1:
+            self._one_decision(plan.flags)
+
+    @_ops.not_traced
+    def _one_decision(self, flags: dict[torch.device, torch.Tensor]) -> None:
+        """Parameters on several devices: one refusal for all of them (a host read)."""
+        bad = any(float(f[0]) != 0 for f in flags.values())
+        for f in flags.values():
+            f.fill_(1.0 if bad else 0.0)
+
+    def _nonfinite(self, b: Bucket, tensors: list, flag: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            _ops.nonfinite_check(tensors, flag, self._backend[b.device.type])
+        else:
+            self._fns[b.device.type][1](tensors, flag)
+
+    def _fused_pass(self, plan: _Plan, residuals: bool) -> torch.Tensor | None:
+        """One kernel call per bucket; returns the residual sums ``[primal^2, dual^2]`` if asked."""
+        sums = None
+        for b, hyper, w in zip(plan.buckets, plan.hypers, plan.weights):
+            res = torch.zeros(2, dtype=torch.float64, device=b.device) if residuals else None
+            flag = plan.flags.get(b.device)
+            inv_b = plan.inv.to(b.device) if plan.inv is not None else None
+            if self.process_group is not None:
+                distributed.bucket_step(self, b, hyper, res, flag, inv_b)
+            else:
+                self._run_kernel(b, w, hyper, res, flag, inv_b)
             if residuals:
-                if sums is None:
-                    sums = torch.zeros(2, dtype=torch.float64, device=devices[0] if devices else "cpu")
-                self._set_residuals(sums)
+                lr, mu = hyper[0], hyper[1]
+                sigma = torch.where(lr > 0, (1.0 - mu) / torch.where(lr > 0, lr, 1.0), 0.0)
+                part = torch.stack((res[0], res[1] * sigma * sigma))
+                sums = part if sums is None else sums + part.to(sums.device)
+        return sums
+
+    @_ops.not_traced  # reads the flags on the host (CPU) or queues their report (CUDA)
+    def _decide(self, plan: _Plan, sums: torch.Tensor | None, residuals: bool) -> bool:
+        ran = True
+        own_check = plan.found_inf is None and plan.invalid is None
+        if plan.flags:
+            if plan.host_decides:
+                if any(float(f[0]) != 0 for f in plan.flags.values()):
+                    ran = False
+                    self._skipped += 1
+                    if self.on_nonfinite == "raise" and own_check:
+                        where = self._locate_nonfinite()
+                        self._rows_fresh = False
+                        raise RuntimeError(
+                            f"non-finite gradient {where}; the step was refused and weights and duals are "
+                            "unchanged (BADM(..., on_nonfinite='skip') skips such steps instead)"
+                        )
+            else:
+                for d, f in plan.flags.items():
+                    self._skipped_counter(d).add_((f != 0).sum())
+                if self.on_nonfinite == "raise" and own_check and not self.capturable:
+                    for d, f in plan.flags.items():
+                        host = torch.empty(1, dtype=torch.float32, pin_memory=d.type == "cuda")
+                        host.copy_(f, non_blocking=True)
+                        event = torch.cuda.Event() if d.type == "cuda" else None
+                        if event is not None:
+                            event.record()
+                        self._pending.append((event, host, f"on {d}"))
+        if residuals:
+            if sums is None:
+                sums = torch.zeros(2, dtype=torch.float64, device=plan.devices[0] if plan.devices else "cpu")
+            self.residuals = {"primal": sums[0].sqrt(), "dual": sums[1].sqrt()}
         self._rows_fresh = False
         return ran
 
@@ -996,10 +1058,6 @@ class BADM(Optimizer):
             self._merged_alpha = alpha
         self._last_alpha = alpha
         self._step_count += 1
-
-    @_ops.not_traced
-    def _set_residuals(self, sums: torch.Tensor) -> None:
-        self.residuals = {"primal": sums[0].sqrt(), "dual": sums[1].sqrt()}
 
     # ------------------------------------------------------------------ state
     @torch._disable_dynamo
