@@ -65,6 +65,11 @@ def _from_rho_sigma(rho: Any, sigma: Any) -> tuple[float, float]:
     return lr, mu
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def normalize_weights(weights: Any, sub_batches: int) -> list[float]:
     """Validate this step's sub-batch weights and normalise them to sum 1."""
     if weights is None:
@@ -695,6 +700,12 @@ class BADM(Optimizer):
         key = (tuple(alpha), device, dtype)
         t = self._weights_cache.get(key)
         if t is None:
+            if _capturing(device):
+                raise RuntimeError(
+                    f"step(weights=...) got host weights {list(alpha)} while a CUDA graph is being captured; the "
+                    "graph would replay a copy of them. Pass a float device tensor of shape "
+                    f"({self.sub_batches},) with capturable=True and update it in place before each replay"
+                )
             if len(self._weights_cache) > 64:
                 self._weights_cache.clear()
             t = torch.tensor(alpha, dtype=dtype, device=device)
@@ -739,7 +750,7 @@ class BADM(Optimizer):
                 else:
                     t[i].fill_(v)
         else:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if _capturing(device):
                 raise RuntimeError(
                     f"lr/momentum/weight_decay of param group {g} changed since the last step outside the CUDA graph "
                     "capture; a write during capture would be replayed and pin the value. Run opt.step() once "
