@@ -283,17 +283,37 @@ def check_replicas(opt: Any) -> None:
 
 # ----------------------------------------------------------------------------------- step
 def agree(opt: Any, flags: dict[torch.device, torch.Tensor]) -> None:
-    """Make every rank refuse the step when one of them must: the flags of all ranks are
-    reduced with MAX (one tiny all-reduce; the layout check runs first after add_param_group)."""
+    """Make every rank refuse the step when one of them must: one small all-reduce of one flag per
+    rank (the layout check runs first after add_param_group). Records the refusing ranks in
+    ``opt._refusing_ranks`` for the error message."""
     rep = _replica(opt)
     if rep.checked_groups != len(opt.param_groups):  # add_param_group since the last check
         check_replicas(opt)
     if not flags:
         return
-    mine = torch.stack([f.reshape(()).to(rep.device) for f in flags.values()]).amax().reshape(1)
-    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=rep.group)
+    mine = torch.stack([f.reshape(()).to(rep.device) for f in flags.values()]).amax()
+    every = torch.zeros(rep.world, dtype=torch.float32, device=rep.device)
+    every[rep.rank] = (mine != 0).to(torch.float32)
+    dist.all_reduce(every, group=rep.group)
+    opt._refusing_ranks = every
+    bad = (every != 0).any().to(torch.float32).reshape(1)
     for f in flags.values():
-        f.copy_(mine.to(f.device))
+        f.copy_(torch.maximum(f, bad.to(f.device)))
+
+
+def refusal_message(opt: Any, where: str) -> str:
+    """The error of a step refused with on_nonfinite="raise", as this rank says it."""
+    rep = _replica(opt)
+    ranks = _ranks(getattr(opt, "_refusing_ranks", torch.zeros(rep.world)).cpu() != 0)
+    if rep.rank in ranks:
+        return (
+            f"rank {rep.rank}: non-finite gradient {where}; the step was refused on every rank and weights and "
+            "duals are unchanged"
+        )
+    return (
+        f"rank(s) {ranks} refused the step (a non-finite gradient; their errors name it); the step was refused on "
+        "every rank and weights and duals are unchanged"
+    )
 
 
 def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

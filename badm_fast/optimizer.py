@@ -805,8 +805,6 @@ class BADM(Optimizer):
                 for i, (k, g) in enumerate(zip(b.index, b.grads())):
                     if g is not None and not bool(torch.isfinite(g).all()):
                         return f"in parameter {k} of param group {g_idx} (shape {tuple(b.params[i].shape)}), sub-batch 0"
-        if self.process_group is not None:
-            return "on another rank of the process group"
         return "(the gradients overflowed the step's arithmetic)"
 
     def step(self, closure: Callable[[], Any] | None = None, *, weights: Any = None, residuals: bool = False):
@@ -987,6 +985,8 @@ class BADM(Optimizer):
                     if self.on_nonfinite == "raise" and own_check:
                         where = self._locate_nonfinite()
                         self._rows_fresh = False
+                        if self.process_group is not None:
+                            raise RuntimeError(distributed.refusal_message(self, where))
                         raise RuntimeError(
                             f"non-finite gradient {where}; the step was refused and weights and duals are "
                             "unchanged (BADM(..., on_nonfinite='skip') skips such steps instead)"
