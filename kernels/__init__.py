@@ -13,6 +13,7 @@ import importlib
 __all__ = [
     "badm_step",
     "badm_nonfinite_check",
+    "badm_copy_check",
     "require_triton",
     "triton_available",
     "triton_unavailable_reason",
@@ -51,12 +52,11 @@ def require_triton() -> None:
 
 
 def badm_step(
-    z,
+    params,
     grads,
     duals,
     weights,
-    rho,
-    sigma,
+    hyper,
     residuals=None,
     *,
     found_inf=None,
@@ -64,7 +64,9 @@ def badm_step(
     block_size=None,
     num_warps=None,
 ):
-    """One fused BADM step by the Triton kernel; see :func:`badm_fast.kernels.badm_triton.badm_step`.
+    """One fused BADM step over tensor lists by the Triton kernel (the contract of
+    :func:`badm_fast.reference.fused_step_`, one launch whatever the number of tensors); see
+    :func:`badm_fast.kernels.badm_triton.badm_step`.
 
     Raises:
         ImportError: triton cannot be imported (the message says why).
@@ -73,12 +75,11 @@ def badm_step(
     from .badm_triton import badm_step as _badm_step
 
     return _badm_step(
-        z,
+        params,
         grads,
         duals,
         weights,
-        rho,
-        sigma,
+        hyper,
         residuals,
         found_inf=found_inf,
         inv_scale=inv_scale,
@@ -87,9 +88,9 @@ def badm_step(
     )
 
 
-def badm_nonfinite_check(grads, found_inf, *, block_size=None):
-    """Raise the flag ``found_inf`` (set it to 1) when ``grads`` holds a NaN or an infinity; see
-    :func:`badm_fast.kernels.badm_triton.badm_nonfinite_check`.
+def badm_nonfinite_check(tensors, found_inf, *, block_size=None):
+    """Raise the flag ``found_inf`` (set it to 1) when one of ``tensors`` (None entries skipped)
+    holds a NaN or an infinity; see :func:`badm_fast.kernels.badm_triton.badm_nonfinite_check`.
 
     Raises:
         ImportError: triton cannot be imported (the message says why).
@@ -97,7 +98,20 @@ def badm_nonfinite_check(grads, found_inf, *, block_size=None):
     require_triton()
     from .badm_triton import badm_nonfinite_check as _check
 
-    return _check(grads, found_inf, block_size=block_size)
+    return _check(tensors, found_inf, block_size=block_size)
+
+
+def badm_copy_check(dst, src, found_inf=None, *, block_size=None):
+    """``dst[i].copy_(src[i])`` for every non-None ``src[i]``, raising ``found_inf`` on a
+    non-finite copied value; see :func:`badm_fast.kernels.badm_triton.badm_copy_check`.
+
+    Raises:
+        ImportError: triton cannot be imported (the message says why).
+    """
+    require_triton()
+    from .badm_triton import badm_copy_check as _copy_check
+
+    return _copy_check(dst, src, found_inf, block_size=block_size)
 
 
 def __getattr__(name):
