@@ -135,7 +135,10 @@ def _triton_probe(device_type: str):
 def _triton_functions():
     from badm_fast import kernels
 
-    return kernels.badm_step, kernels.badm_nonfinite_check, kernels.badm_copy_check
+    def step(params, grads, duals, weights, hyper, residuals=None, found_inf=None, inv_scale=None):
+        kernels.badm_step(params, grads, duals, weights, hyper, residuals, found_inf=found_inf, inv_scale=inv_scale)
+
+    return step, kernels.badm_nonfinite_check, kernels.badm_copy_check
 
 
 def _torch_functions():
