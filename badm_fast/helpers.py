@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -29,12 +31,26 @@ def split_batch(inputs: Any, targets: torch.Tensor, parts: int) -> list[tuple[tu
     return [(tuple(xp[s] for xp in x_parts), y_parts[s]) for s in range(parts)]
 
 
+def _optimizers(opt: BADM | Sequence[BADM]) -> list[BADM]:
+    opts = [opt] if isinstance(opt, BADM) else list(opt)
+    if not opts or not all(isinstance(o, BADM) for o in opts):
+        raise ValueError("split_step takes a BADM optimizer or a sequence of them")
+    if len({(o.sub_batches, o.mode) for o in opts}) != 1:
+        raise ValueError(
+            "the optimizers given to split_step must have the same sub_batches and mode, got "
+            f"{[(o.sub_batches, o.mode) for o in opts]}"
+        )
+    return opts
+
+
 def split_step(
     model: Callable[..., torch.Tensor],
-    opt: BADM,
+    opt: BADM | Sequence[BADM],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     inputs: Any,
     targets: torch.Tensor,
+    *,
+    max_grad_norm: float | None = None,
 ) -> torch.Tensor:
     """One BADM training step on a batch; returns the batch's mean loss (a detached tensor).
 
@@ -43,16 +59,28 @@ def split_step(
     sizes as weights (a ragged last batch is weighted correctly). ``loss_fn`` must return the
     mean loss of the samples it is given. In ``mode="merged"`` the whole batch takes one
     forward and backward pass (the exact fast path).
+
+    ``opt`` may be a sequence of BADM optimizers over parts of the model (with the same
+    ``sub_batches`` and ``mode``): every one takes each sub-batch's gradients and steps.
+    ``max_grad_norm``: clip each sub-batch's gradient to this norm (over the parameters of all the
+    optimizers, like ``torch.nn.utils.clip_grad_norm_`` over one gradient) before its row is taken.
     """
+    opts = _optimizers(opt)
+    first = opts[0]
     n = targets.shape[0]
     if n == 0:
         raise ValueError("split_step got an empty batch")
-    parts = split_batch(inputs, targets, opt.sub_batches)  # checks the sizes before anything changes
-    opt.zero_grad(set_to_none=True)
-    if opt.mode == "merged":
+    parts = split_batch(inputs, targets, first.sub_batches)  # checks the sizes before anything changes
+    params = [p for o in opts for group in o.param_groups for p in group["params"]]
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    if first.mode == "merged":
         loss = loss_fn(model(*_as_tuple(inputs)), targets)
         loss.backward()
-        opt.step()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        for o in opts:
+            o.step()
         return loss.detach()
     total = None
     sizes = []
@@ -60,12 +88,17 @@ def split_step(
         sizes.append(ys.shape[0])
         if ys.shape[0] == 0:
             continue
-        with opt.sub_batch(s):
+        with contextlib.ExitStack() as stack:
+            for o in opts:
+                stack.enter_context(o.sub_batch(s))
             loss = loss_fn(model(*xs), ys)
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         part = loss.detach() * ys.shape[0]
         total = part if total is None else total + part
-    opt.step(weights=sizes)
+    for o in opts:
+        o.step(weights=sizes)
     return total / n
 
 

@@ -1306,7 +1306,9 @@ class BADM(Optimizer):
             return
         groups = [dict(g) for g in state["param_groups"]]
         for g in groups:
-            g.pop("param_names", None)
+            names = g.pop("param_names", None)
+            if names is not None:
+                g["params"] = list(zip(names, g["params"]))
         d = state["defaults"]
         self.__init__(
             groups, lr=d["lr"], momentum=d["momentum"], weight_decay=d.get("weight_decay", 0.0),
