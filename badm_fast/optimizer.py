@@ -105,6 +105,7 @@ class _Plan:
     """What one step works on, decided on the host before any kernel runs."""
 
     buckets: list[Bucket]
+    grads: list[list[torch.Tensor | None]]
     hypers: list[torch.Tensor]
     weights: list[torch.Tensor]
     devices: list[torch.device]
@@ -903,6 +904,7 @@ class BADM(Optimizer):
         weights = [self._kernel_weights(alpha, b) for b in buckets]
         return _Plan(
             buckets=buckets,
+            grads=[b.grads() if b.grad_rows is None else self._row_grads(b) for b in buckets],
             hypers=hypers,
             weights=weights,
             devices=devices,
@@ -921,9 +923,9 @@ class BADM(Optimizer):
         if not plan.flags:
             return
         if plan.check:
-            for b in plan.buckets:
+            for b, grads in zip(plan.buckets, plan.grads):
                 if self._rows == 1:
-                    self._nonfinite(b, b.grads(), plan.flags[b.device])
+                    self._nonfinite(b, grads, plan.flags[b.device])
                 elif plan.recheck_rows:  # rows carried over from an earlier step: check them again
                     self._nonfinite(b, b.grad_rows, plan.flags[b.device])
         extra = None
@@ -958,14 +960,14 @@ class BADM(Optimizer):
     def _fused_pass(self, plan: _Plan, residuals: bool) -> torch.Tensor | None:
         """One kernel call per bucket; returns the residual sums ``[primal^2, dual^2]`` if asked."""
         sums = None
-        for b, hyper, w in zip(plan.buckets, plan.hypers, plan.weights):
+        for b, grads, hyper, w in zip(plan.buckets, plan.grads, plan.hypers, plan.weights):
             res = torch.zeros(2, dtype=torch.float64, device=b.device) if residuals else None
             flag = plan.flags.get(b.device)
             inv_b = plan.inv.to(b.device) if plan.inv is not None else None
             if self.process_group is not None:
                 distributed.bucket_step(self, b, hyper, res, flag, inv_b)
             else:
-                self._run_kernel(b, w, hyper, res, flag, inv_b)
+                self._run_kernel(b, grads, w, hyper, res, flag, inv_b)
             if residuals:
                 lr, mu = hyper[0], hyper[1]
                 sigma = torch.where(lr > 0, (1.0 - mu) / torch.where(lr > 0, lr, 1.0), 0.0)
@@ -1016,9 +1018,11 @@ class BADM(Optimizer):
             return self._device_alpha.to(b.compute_dtype)
         return self._weights_tensor(alpha, b.device, b.compute_dtype)
 
-    def _run_kernel(self, b: Bucket, w, hyper, res, flag, inv) -> None:
-        grads = b.grads() if b.grad_rows is None else self._row_grads(b)
-        if b.grad_rows is None and not all(g is None or g.stride() == t.stride() for g, t in zip(grads, b.locals)):
+    def _run_kernel(self, b: Bucket, grads, w, hyper, res, flag, inv) -> None:
+        native = self._backend[b.device.type] in ("cpp", "cuda")  # they check the strides themselves
+        if b.grad_rows is None and not native and not all(
+            g is None or g.stride() == t.stride() for g, t in zip(grads, b.locals)
+        ):
             grads = [self._like(t, g) for t, g in zip(b.locals, grads)]
         name = self._backend[b.device.type]
         if torch.compiler.is_compiling():
