@@ -53,6 +53,11 @@ def check_hyper(lr: Any, momentum: Any, weight_decay: Any = 0.0) -> tuple[float,
     return lr_f, mu_f, wd_f
 
 
+def _check_maximize(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid maximize: {value!r} (True or False)")
+
+
 def _from_rho_sigma(rho: Any, sigma: Any) -> tuple[float, float]:
     rho_f, sigma_f = _number("rho", rho), _number("sigma", sigma)
     if not math.isfinite(sigma_f) or sigma_f <= 0:
@@ -214,8 +219,7 @@ class BADM(Optimizer):
         sub_batches = int(sub_batches)
         lr, momentum = self._initial_lr_momentum(lr, momentum, rho, sigma)
         check_hyper(lr, momentum, weight_decay)
-        if not isinstance(maximize, bool):
-            raise ValueError(f"Invalid maximize: {maximize!r} (True or False)")
+        _check_maximize(maximize)
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; choose one of {MODES}")
         if on_nonfinite not in NONFINITE:
@@ -293,6 +297,7 @@ class BADM(Optimizer):
                 continue
             group[key] = self.defaults[key]
         check_hyper(group["lr"], group["momentum"], group["weight_decay"])
+        _check_maximize(group["maximize"])
         super().add_param_group(group)  # checks duplicates, fills defaults, records param_names
         added = self.param_groups[-1]
         try:
@@ -309,6 +314,17 @@ class BADM(Optimizer):
                 inactive.append(p)
         self._inactive.append(inactive)
         self._layout = None
+        if hasattr(self, "_backend") and len(self.param_groups) > 1:  # after construction: resolve now
+            try:
+                self._buckets()
+            except Exception:
+                for p in added["params"]:
+                    self.state.pop(p, None)
+                    self._records.pop(id(p), None)
+                self.param_groups.pop()
+                self._inactive.pop()
+                self._layout = None
+                raise
 
     def _check_param(self, p: torch.Tensor) -> None:
         if p.dtype not in SUPPORTED_DTYPES and not p.is_complex():
@@ -442,6 +458,8 @@ class BADM(Optimizer):
                 self._active_row = None
             return
         self._report_pending()
+        if self._step_count == 0 or not self._native:
+            self._revalidate()  # a model moved or cast before the first step gets fresh state now
         self._sync_grads()
         for p in self._managed():
             p.grad = None
@@ -463,8 +481,8 @@ class BADM(Optimizer):
         """Sub-batch ``s``'s gradient of parameter ``p`` as the next step will use it (a view: writing
         to it changes it), or None when ``p`` has none in any sub-batch. With one row, ``p.grad``."""
         if self._rows == 1:
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < self.sub_batches:
-                raise ValueError(f"sub-batch index {s!r} out of range [0, {self.sub_batches})")
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s != 0:
+                raise ValueError(f"sub-batch index {s!r} out of range [0, 1) (one gradient row)")
             return p.grad
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < self._rows:
             raise ValueError(f"sub-batch index {s!r} out of range [0, {self._rows})")
@@ -727,22 +745,24 @@ class BADM(Optimizer):
 
     def _group_hyper(self, g: int, group: dict[str, Any], device: torch.device) -> torch.Tensor:
         """The group's ``[lr, momentum, weight_decay, maximize]`` in a float64 tensor on ``device``,
-        rewritten only when a value changed (tensor values are copied on the device, every step)."""
+        rewritten only when a value changed (tensor values are copied on the device, every step).
+        Values are validated first; an invalid one raises and leaves the group as it was."""
         if "rho" in group or "sigma" in group:  # written in the paper's form: honoured
-            rho = group.pop("rho", None)
-            sigma = group.pop("sigma", None)
             cur_rho, cur_sigma = rho_sigma(_number("lr", group["lr"]), _number("momentum", group["momentum"]))
-            group["lr"], group["momentum"] = _from_rho_sigma(
-                cur_rho if rho is None else rho, cur_sigma if sigma is None else sigma
-            )
+            lr, mu = _from_rho_sigma(group.get("rho", cur_rho), group.get("sigma", cur_sigma))
+            group.pop("rho", None)
+            group.pop("sigma", None)
+            group["lr"], group["momentum"] = lr, mu
         key = (g, device)
-        values = tuple(group[k] if isinstance(group[k], torch.Tensor) else float(group[k]) for k in _HYPER_KEYS)
+        raw = tuple(group[k] for k in _HYPER_KEYS)
+        tensors = any(isinstance(v, torch.Tensor) for v in raw)
         cached = self._hyper_cache.get(key)
-        tensors = any(isinstance(v, torch.Tensor) for v in values)
-        if cached is not None and not tensors and cached[1] == values:
+        if cached is not None and not tensors and cached[1] == raw:
             return cached[0]
-        if not tensors:
-            check_hyper(*values[:3])
+        _check_maximize(raw[3])
+        if not (tensors and self.capturable):  # a capture-safe step never reads a tensor on the host
+            check_hyper(*raw[:3])
+        values = tuple(v if isinstance(v, torch.Tensor) else float(v) for v in raw)
         t = cached[0] if cached is not None else torch.zeros(4, dtype=torch.float64, device=device)
         if tensors:
             for i, v in enumerate(values):
@@ -758,7 +778,7 @@ class BADM(Optimizer):
                     "before capturing, or give lr/momentum as tensors (capturable=True) and update them in place"
                 )
             t.copy_(torch.tensor(values, dtype=torch.float64))
-        self._hyper_cache[key] = (t, values)
+        self._hyper_cache[key] = (t, raw)
         return t
 
     def _device_weights(self, weights: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -983,7 +1003,8 @@ class BADM(Optimizer):
             if plan.host_decides:
                 if any(float(f[0]) != 0 for f in plan.flags.values()):
                     ran = False
-                    self._skipped += 1
+                    if not (self.on_nonfinite == "raise" and own_check):
+                        self._skipped += 1
                     if self.on_nonfinite == "raise" and own_check:
                         where = self._locate_nonfinite()
                         self._rows_fresh = False
@@ -1179,6 +1200,7 @@ class BADM(Optimizer):
                 else:
                     lr, mu = g["lr"], g["momentum"]
                 check_hyper(lr, mu, sg.get("weight_decay", g.get("weight_decay", 0.0)))
+                _check_maximize(sg.get("maximize", g.get("maximize", False)))
             except ValueError as exc:
                 raise ValueError(f"param group {k} of the state: {exc}") from None
             new_hyper.append((lr, mu))

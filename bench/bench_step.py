@@ -289,8 +289,10 @@ class FlatBuffers:
         self.P, self.S, self.dtype = P, S, dtype
 
     def step_fn(self, kernel: Callable[..., None]) -> Callable[[], None]:
-        z, g, d, w = self.z, self.grads, self.duals, self.weights
-        return lambda: kernel(z, g, d, w, RHO, SIGMA, None)
+        """The kernel contract's call on this one-tensor layout (rows of the flat buffers)."""
+        z, g, d, w = [self.z], list(self.grads.unbind(0)), list(self.duals.unbind(0)), self.weights
+        hyper = reference.hyper_tensor(*reference.lr_momentum(RHO, SIGMA), device=self.z.device)
+        return lambda: kernel(z, g, d, w, hyper, None)
 
     @property
     def nbytes(self) -> int:
@@ -438,7 +440,7 @@ def run_size(cfg: Config, base: Baselines, dtype: torch.dtype, P: int, log=print
             if "kernel" in cfg.methods:
                 for b in cfg.backends:
                     try:
-                        members.append(("kernel", b, flat.step_fn(backends.kernel_for(b))))
+                        members.append(("kernel", b, flat.step_fn(backends.get(b)[0])))
                     except Exception as exc:
                         emit(_row("kernel", b, "flat", 1, P, S, dtype, status=_error(exc)))
             if "compiled" in cfg.methods:
