@@ -32,8 +32,9 @@ Environment switches:
     The C++ compiler (default ``c++``).
 
 The extension is compiled with ``-O3 -g0`` (no debug info roughly halves the build time),
-without fast-math (IEEE arithmetic, as the reference; the CUDA kernel also with ``--fmad=false``,
-no multiply-add contraction), in the C++ standard torch's
+without fast-math and with ``-ffp-contract=off`` (IEEE arithmetic with every operation rounded
+on its own and no fused multiply-add, as the reference; the CUDA kernel likewise with
+``--fmad=false``), in the C++ standard torch's
 BuildExtension selects for the installed torch (C++20 for torch 2.13, C++17 for older ones),
 and with OpenMP so that ``at::parallel_for`` uses torch's thread pool. On x86-64 with GCC the CPU kernel is compiled
 for three instruction sets (baseline, AVX2, AVX-512) and picks at run time the one that torch
@@ -156,10 +157,12 @@ def _extensions():
     sources = _cpu_sources()
     define_macros = []
     if sys.platform == "win32":
-        cxx_flags = ["/O2", "/openmp"]
+        cxx_flags = ["/O2", "/openmp", "/fp:precise"]  # no /fp:contract: no fused multiply-add
         link_flags = []
     else:
-        cxx_flags = ["-O3", "-g0", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+        # -ffp-contract=off: no multiply-add contraction anywhere (the AVX2/AVX-512 builds
+        # included), every operation rounded on its own as in the reference
+        cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
         link_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
         if sys.platform == "darwin":  # Apple clang has no -fopenmp: parallel_for runs serially
             cxx_flags.remove("-fopenmp")

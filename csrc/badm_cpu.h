@@ -1,8 +1,9 @@
-// CPU kernel of the fused BADM step: the arguments it takes and its per-instruction-set builds.
+// CPU kernels of the badm_fast ops: the arguments they take and their per-instruction-set builds.
 //
-// The kernel body (badm_cpu_kernel.h) is compiled once per instruction set by
+// The kernel bodies (badm_cpu_kernel.h) are compiled once per instruction set by
 // badm_cpu_default.cpp, badm_cpu_avx2.cpp and badm_cpu_avx512.cpp; binding.cpp validates the
-// tensors, fills StepArgs and calls the build that matches at::get_cpu_capability().
+// tensors (badm_checks.h), lays out the raw pointers and the work items below and calls the build
+// that matches at::get_cpu_capability().
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -11,36 +12,67 @@
 
 namespace badm_fast::cpu {
 
-// Raw view of one call. Sizes, strides and offsets are 64-bit; strides count elements.
-struct StepArgs {
-  c10::ScalarType dtype;    // storage dtype of z and grads: Float, Double, BFloat16 or Half
-  void* z;                  // (P,) contiguous, storage dtype
-  const void* grads;        // (S, P) storage dtype, unit inner stride
-  void* duals;              // (S, P) compute dtype (double for Double, else float)
-  const void* weights;      // (S,) compute dtype
-  int64_t P;                // number of elements
-  int64_t S;                // number of sub-batches, >= 1
-  int64_t grad_row_stride;  // elements between rows of grads
-  int64_t dual_row_stride;  // elements between rows of duals
-  int64_t weight_stride;    // elements between consecutive weights
-  double rho;               // proximal coefficient, >= 0
-  double sigma;             // penalty, > 0
-  double* residuals;        // nullptr, or 2 doubles (elements residual_stride apart) to add to
-  int64_t residual_stride;
-};
-
-// Elements per work chunk: the unit of at::parallel_for (threads take contiguous runs of
-// chunks) and of the residual partial sums; a call with P <= kChunk runs on one thread.
-// Measured with S = 4, fp32 and bf16, 2 threads (Xeon, AVX-512, shared 2-core VM), median step
-// time, chunks of 4K/8K/16K/32K/64K/256K: at P = 64K, 8K..32K give 20-25 us against 61-69 us
-// for one thread; at P = 256K, 4K..32K are within noise (178-203 us fp32) against 354-394 us
-// for 256K; at P = 16K, splitting (8K) saves 3 us of 11 and exposes the call to thread wake-up
-// delays. 16K sits in the flat middle; fp32 S = 4 moves ~900 KiB per chunk.
+// Elements per work item: a tensor is cut into chunks of kChunk elements, each chunk one work
+// item of at::parallel_for and one residual partial sum. fp32 with R = 4 moves about 900 KiB
+// per chunk.
 constexpr int64_t kChunk = 16384;
 
-// One build each; false when the dtype has no kernel.
+// A call whose total work (elements plus kItemCost per item) is at most kSerialWork runs on
+// the calling thread: waking a second thread costs more than it saves below this size.
+constexpr int64_t kSerialWork = 32768;
+
+// Fixed cost of one work item in element equivalents (pointer set-up, loop entry and exit), so
+// that a list of many tiny tensors is split between threads by its real cost.
+constexpr int64_t kItemCost = 64;
+
+// Elements [begin, end) of the tensor (or tensor group) `slot`. work_before: the summed work
+// (end - begin + kItemCost) of the items before this one, used to give each thread a contiguous
+// run of items of equal work.
+struct WorkItem {
+  int64_t slot;
+  int64_t begin;
+  int64_t end;
+  int64_t work_before;
+};
+
+// Raw view of one fused_step_ext call. All offsets are 64-bit element counts.
+struct StepArgs {
+  c10::ScalarType dtype;  // storage dtype of params and grads: Float, Double, BFloat16, Half
+  int64_t R;              // rows, >= 1
+  void* const* slots;     // 1 + 2R pointers per slot: param, grads rows 0..R-1, duals rows 0..R-1
+  const WorkItem* items;  // the work items, slot by slot, chunks in order
+  int64_t n_items;
+  int64_t total_work;      // items[n-1].work_before + its own work
+  const double* hyper;     // [lr, momentum, weight_decay, maximize]
+  const void* weights;     // (R,) compute dtype (double for Double params, else float)
+  int64_t weight_stride;   // elements between consecutive weights
+  const float* inv_scale;  // nullptr, or the gradient multiplier
+  double* partials;        // nullptr, or 2 * n_items doubles: each item's [primal, dual] sums
+};
+
+// One tensor of a nonfinite_check_ext / copy_check_ext call.
+struct ScanSlot {
+  const void* src;  // the tensor to scan (nonfinite) or to copy from
+  void* dst;        // copy_check_ext: the destination (same layout), else nullptr
+  c10::ScalarType dtype;
+};
+
+struct ScanArgs {
+  const ScanSlot* slots;
+  const WorkItem* items;
+  int64_t n_items;
+  int64_t total_work;
+  bool check;  // scan the values read for NaN / infinity
+};
+
+// One build of each entry point per instruction set. fused_step_*: false when the dtype has no
+// kernel (the caller has validated it). scan_*: copies src to dst where dst is given and, with
+// args.check, returns whether any value read is a NaN or an infinity.
 bool fused_step_default(const StepArgs& args);
 bool fused_step_avx2(const StepArgs& args);    // defined only where the build enables it
 bool fused_step_avx512(const StepArgs& args);  // defined only where the build enables it
+bool scan_default(const ScanArgs& args);
+bool scan_avx2(const ScanArgs& args);
+bool scan_avx512(const ScanArgs& args);
 
 }  // namespace badm_fast::cpu

@@ -13,5 +13,5 @@
 #define BADM_CPU_ISA isa_avx2
 #include "badm_cpu_kernel.h"
 
-BADM_DEFINE_ENTRY(fused_step_avx2)
+BADM_DEFINE_ENTRIES(avx2)
 #endif

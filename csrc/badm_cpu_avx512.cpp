@@ -26,5 +26,5 @@
 #define BADM_CPU_ISA isa_avx512
 #include "badm_cpu_kernel.h"
 
-BADM_DEFINE_ENTRY(fused_step_avx512)
+BADM_DEFINE_ENTRIES(avx512)
 #endif

@@ -5,4 +5,4 @@
 #define BADM_CPU_ISA isa_default
 #include "badm_cpu_kernel.h"
 
-BADM_DEFINE_ENTRY(fused_step_default)
+BADM_DEFINE_ENTRIES(default)

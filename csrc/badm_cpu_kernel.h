@@ -1,16 +1,16 @@
-// Body of the CPU kernel, compiled once per instruction set.
+// Bodies of the CPU kernels, compiled once per instruction set.
 //
 // The including file defines BADM_CPU_ISA (the namespace of this build, e.g. isa_avx2) and, for a
 // vector instruction set, CPU_CAPABILITY / CPU_CAPABILITY_<ISA> and the matching compiler
-// target before including this header (see badm_cpu_avx2.cpp). It then defines its entry point
-// with BADM_DEFINE_ENTRY(name).
+// target before including this header (see badm_cpu_avx2.cpp). It then defines its entry points
+// with BADM_DEFINE_ENTRIES(suffix).
 //
-// Loop structure (one pass over memory): the P elements are cut into chunks of kChunk; threads
-// take contiguous runs of chunks. Within a chunk, for each step of two arithmetic vectors: load
-// z, then for every sub-batch s load the gradient and dual vectors, write the new dual and
-// accumulate alpha_s * z_term_s; finally write z. A scalar loop does the tail of the chunk.
-// Reduced-precision storage (bf16, fp16) is widened to float vectors on load and rounded
-// (to nearest even) on store; the arithmetic is float, or double for double storage.
+// fused_step: one pass over memory per work item (a chunk of one tensor). For each step of two
+// arithmetic vectors: load the param z, then for every row r load the gradient and dual
+// vectors, write the new dual and accumulate delta; finally write z + delta. A scalar loop does
+// the tail of the item with the same operations (badm_element.h), so every element gets the
+// same bits whichever path computes it. bf16/fp16 storage is widened to float on load and
+// rounded to nearest even on store; the arithmetic is float, or double for double storage.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -21,10 +21,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
-#include <functional>
+#include <cstring>
+#include <memory>
 #include <type_traits>
-#include <vector>
 
 #include "badm_cpu.h"
 #include "badm_element.h"
@@ -70,133 +72,210 @@ struct VecIO<c10::BFloat16> : ReducedVecIO<c10::BFloat16> {};
 template <>
 struct VecIO<c10::Half> : ReducedVecIO<c10::Half> {};
 
-template <typename T>
-BadmConstants<Vectorized<T>> broadcast(const BadmConstants<T>& k) {
-  using Vec = Vectorized<T>;
-  return {Vec(k.rho),         Vec(k.sigma),           Vec(k.c),
-          Vec(k.minus_two_c), Vec(k.rho_minus_sigma), Vec(k.c_over_sigma)};
+// Runs f(item, index) for every work item: on the calling thread when the call is small (or
+// there is one item, or one thread), otherwise split into one contiguous run of items of about
+// equal work per thread. Which thread runs an item never changes what the item computes.
+template <typename F>
+void for_each_item(const WorkItem* items, int64_t n_items, int64_t total_work, const F& f) {
+  if (n_items == 0) {
+    return;
+  }
+  const int64_t threads = at::get_num_threads();
+  if (n_items == 1 || total_work <= kSerialWork || threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n_items; ++i) {
+      f(items[i], i);
+    }
+    return;
+  }
+  const int64_t parts = std::min(threads, n_items);
+  // First item of part p: the first whose work_before reaches p * total_work / parts.
+  auto part_begin = [&](int64_t p) -> int64_t {
+    if (p >= parts) {
+      return n_items;
+    }
+    // p * total_work / parts without overflow (p < parts <= threads)
+    const int64_t bound = total_work / parts * p + total_work % parts * p / parts;
+    const WorkItem* it =
+        std::lower_bound(items, items + n_items, bound,
+                         [](const WorkItem& w, int64_t b) { return w.work_before < b; });
+    return static_cast<int64_t>(it - items);
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t end = part_begin(p + 1);
+      for (int64_t i = part_begin(p); i < end; ++i) {
+        f(items[i], i);
+      }
+    }
+  });
 }
 
-// One chunk [begin, end) of the step. With kResiduals, adds this chunk's two residual sums
-// (primal: sum_s alpha_s (z - w_s')^2, dual: (z' - z)^2) to res[0], res[1] in double.
-template <typename scalar_t, bool kResiduals>
-void step_chunk(const StepArgs& a, const acc_type<scalar_t>* alpha, int64_t begin, int64_t end,
-                double* res) {
+// ---------------------------------------------------------------------------------------------
+// fused_step
+
+template <typename acc_t>
+struct StepContext {
+  StepConstants<acc_t> k;
+  const acc_t* alpha;  // R weights
+  acc_t inv;           // inv_scale (used only when kInv)
+  int64_t R;
+  void* const* slots;
+};
+
+// Maximum rows whose weights are gathered on the stack; more rows use a heap buffer.
+constexpr int64_t kStackRows = 64;
+
+// One work item. With kResiduals, writes the item's [sum of prim, sum of delta*delta] (float64)
+// to res[0], res[1].
+template <typename scalar_t, bool kResiduals, bool kInv>
+void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, double* res) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t kStep = 2 * Vec::size();
+  constexpr int64_t kW = Vec::size();
+  constexpr int64_t kStep = 2 * kW;
 
-  auto* z = static_cast<scalar_t*>(a.z);
-  const auto* grads = static_cast<const scalar_t*>(a.grads);
-  auto* duals = static_cast<acc_t*>(a.duals);
-  const int64_t S = a.S;
-  const BadmConstants<acc_t> k = badm_constants<acc_t>(a.rho, a.sigma);
-  const BadmConstants<Vec> kv = broadcast(k);
+  const int64_t R = cx.R;
+  void* const* ptrs = cx.slots + item.slot * (1 + 2 * R);
+  scalar_t* const z = static_cast<scalar_t*>(ptrs[0]);
+  const scalar_t* const* const g = reinterpret_cast<const scalar_t* const*>(ptrs + 1);
+  acc_t* const* const d = reinterpret_cast<acc_t* const*>(ptrs + 1 + R);
+  const StepConstants<acc_t>& k = cx.k;
+  const StepConstants<Vec> kv{Vec(k.a), Vec(k.b),  Vec(k.c),   Vec(k.d),
+                              Vec(k.e), Vec(k.wd), Vec(k.sign)};
+  const Vec inv_v(cx.inv);
+  const acc_t* const alpha = cx.alpha;
 
-  double primal = 0.0;
-  double dual = 0.0;
-  int64_t i = begin;
+  // Residual sums: one float64 accumulator per vector lane (fixed order, no reassociation).
+  double lane_prim[kStep];
+  double lane_dual[kStep];
+  if constexpr (kResiduals) {
+    for (int64_t l = 0; l < kStep; ++l) {
+      lane_prim[l] = 0.0;
+      lane_dual[l] = 0.0;
+    }
+  }
+
+  int64_t i = item.begin;
+  const int64_t end = item.end;
   for (; i + kStep <= end; i += kStep) {
     Vec z0, z1;
     VecIO<scalar_t>::load(z + i, z0, z1);
+    const Vec wz0 = rn_mul(kv.wd, z0);
+    const Vec wz1 = rn_mul(kv.wd, z1);
     Vec delta0(acc_t(0)), delta1(acc_t(0));
-    Vec primal0(acc_t(0)), primal1(acc_t(0));
-    for (int64_t s = 0; s < S; ++s) {
-      const scalar_t* g_row = grads + s * a.grad_row_stride + i;
-      acc_t* pi_row = duals + s * a.dual_row_stride + i;
-      Vec g0, g1, pi0, pi1, new_pi0, new_pi1, term0, term1;
-      VecIO<scalar_t>::load(g_row, g0, g1);
-      VecIO<acc_t>::load(pi_row, pi0, pi1);
-      badm_element(g0, pi0, kv, new_pi0, term0);
-      badm_element(g1, pi1, kv, new_pi1, term1);
-      VecIO<acc_t>::store(pi_row, new_pi0, new_pi1);
-      const Vec alpha_s(alpha[s]);
-      delta0 = at::vec::fmadd(alpha_s, term0, delta0);
-      delta1 = at::vec::fmadd(alpha_s, term1, delta1);
+    Vec prim0(acc_t(0)), prim1(acc_t(0));
+    for (int64_t r = 0; r < R; ++r) {
+      Vec g0, g1, p0, p1, np0, np1;
+      VecIO<scalar_t>::load(g[r] + i, g0, g1);
+      VecIO<acc_t>::load(d[r] + i, p0, p1);
+      if constexpr (kInv) {
+        g0 = rn_mul(g0, inv_v);
+        g1 = rn_mul(g1, inv_v);
+      }
+      const Vec alpha_r(alpha[r]);
+      g0 = badm_row(g0, p0, wz0, alpha_r, kv, np0, delta0);
+      g1 = badm_row(g1, p1, wz1, alpha_r, kv, np1, delta1);
+      VecIO<acc_t>::store(d[r] + i, np0, np1);
       if constexpr (kResiduals) {
-        const Vec off0 = badm_local_offset(g0, pi0, kv);
-        const Vec off1 = badm_local_offset(g1, pi1, kv);
-        primal0 = at::vec::fmadd(alpha_s * off0, off0, primal0);
-        primal1 = at::vec::fmadd(alpha_s * off1, off1, primal1);
+        badm_row_residual(g0, p0, alpha_r, kv, prim0);
+        badm_row_residual(g1, p1, alpha_r, kv, prim1);
       }
     }
-    VecIO<scalar_t>::store(z + i, z0 + delta0, z1 + delta1);
+    VecIO<scalar_t>::store(z + i, rn_add(z0, delta0), rn_add(z1, delta1));
     if constexpr (kResiduals) {
-      primal += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), primal0 + primal1);
-      dual += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), delta0 * delta0 + delta1 * delta1);
+      acc_t buf_prim[kStep];
+      acc_t buf_dual[kStep];
+      prim0.store(buf_prim);
+      prim1.store(buf_prim + kW);
+      rn_mul(delta0, delta0).store(buf_dual);
+      rn_mul(delta1, delta1).store(buf_dual + kW);
+      for (int64_t l = 0; l < kStep; ++l) {
+        lane_prim[l] += static_cast<double>(buf_prim[l]);
+        lane_dual[l] += static_cast<double>(buf_dual[l]);
+      }
     }
   }
-  // Scalar tail: the same arithmetic, one element at a time.
+  // Scalar tail: the same operations, one element at a time.
+  double tail_prim = 0.0;
+  double tail_dual = 0.0;
   for (; i < end; ++i) {
     const acc_t zi = static_cast<acc_t>(z[i]);
+    const acc_t wz = rn_mul(k.wd, zi);
     acc_t delta = 0;
-    acc_t primal_i = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      const acc_t g = static_cast<acc_t>(grads[s * a.grad_row_stride + i]);
-      acc_t& pi = duals[s * a.dual_row_stride + i];
-      acc_t new_pi, term;
-      badm_element(g, pi, k, new_pi, term);
-      if constexpr (kResiduals) {
-        const acc_t off = badm_local_offset(g, pi, k);
-        primal_i += alpha[s] * off * off;
+    acc_t prim = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t gi = static_cast<acc_t>(g[r][i]);
+      if constexpr (kInv) {
+        gi = rn_mul(gi, cx.inv);
       }
-      pi = new_pi;
-      delta += alpha[s] * term;
+      const acc_t pi = d[r][i];
+      acc_t new_pi;
+      gi = badm_row(gi, pi, wz, alpha[r], k, new_pi, delta);
+      d[r][i] = new_pi;
+      if constexpr (kResiduals) {
+        badm_row_residual(gi, pi, alpha[r], k, prim);
+      }
     }
-    z[i] = static_cast<scalar_t>(zi + delta);
+    z[i] = static_cast<scalar_t>(rn_add(zi, delta));
     if constexpr (kResiduals) {
-      primal += primal_i;
-      dual += static_cast<double>(delta) * delta;
+      tail_prim += static_cast<double>(prim);
+      tail_dual += static_cast<double>(rn_mul(delta, delta));
     }
   }
   if constexpr (kResiduals) {
-    res[0] += primal;
-    res[1] += dual;
+    double prim_sum = 0.0;
+    double dual_sum = 0.0;
+    for (int64_t l = 0; l < kStep; ++l) {
+      prim_sum += lane_prim[l];
+      dual_sum += lane_dual[l];
+    }
+    res[0] = prim_sum + tail_prim;
+    res[1] = dual_sum + tail_dual;
   }
+}
+
+template <typename scalar_t, bool kResiduals, bool kInv>
+void run_step(const StepArgs& a, const StepContext<acc_type<scalar_t>>& cx) {
+  for_each_item(a.items, a.n_items, a.total_work, [&](const WorkItem& item, int64_t idx) {
+    step_item<scalar_t, kResiduals, kInv>(cx, item, kResiduals ? a.partials + 2 * idx : nullptr);
+  });
 }
 
 template <typename scalar_t>
 void fused_step(const StepArgs& a) {
   using acc_t = acc_type<scalar_t>;
-  if (a.P == 0) {
+  if (a.n_items == 0) {
     return;
   }
-  // The weights, gathered once (S is small).
-  std::vector<acc_t> alpha(a.S);
+  // The weights, gathered once (R is small).
+  acc_t alpha_stack[kStackRows];
+  std::unique_ptr<acc_t[]> alpha_heap;
+  acc_t* alpha = alpha_stack;
+  if (a.R > kStackRows) {
+    alpha_heap.reset(new acc_t[a.R]);
+    alpha = alpha_heap.get();
+  }
   const auto* w = static_cast<const acc_t*>(a.weights);
-  for (int64_t s = 0; s < a.S; ++s) {
-    alpha[s] = w[s * a.weight_stride];
+  for (int64_t r = 0; r < a.R; ++r) {
+    alpha[r] = w[r * a.weight_stride];
   }
-  const int64_t n_chunks = (a.P + kChunk - 1) / kChunk;
-  auto chunk_end = [&](int64_t c) { return std::min(a.P, (c + 1) * kChunk); };
-  if (a.residuals == nullptr) {
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      step_chunk<scalar_t, false>(a, alpha.data(), c0 * kChunk, chunk_end(c1 - 1), nullptr);
-    });
-    return;
+  StepContext<acc_t> cx{step_constants<acc_t>(a.hyper), alpha, acc_t(1), a.R, a.slots};
+  const bool inv = a.inv_scale != nullptr;
+  if (inv) {
+    cx.inv = static_cast<acc_t>(*a.inv_scale);
   }
-  // Residuals: one partial pair per chunk, summed in chunk order afterwards, so the result
-  // does not depend on the number of threads.
-  std::vector<double> partial(2 * n_chunks, 0.0);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      step_chunk<scalar_t, true>(a, alpha.data(), c * kChunk, chunk_end(c), &partial[2 * c]);
-    }
-  });
-  double primal = 0.0;
-  double dual = 0.0;
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    primal += partial[2 * c];
-    dual += partial[2 * c + 1];
+  const bool res = a.partials != nullptr;
+  if (res) {
+    inv ? run_step<scalar_t, true, true>(a, cx) : run_step<scalar_t, true, false>(a, cx);
+  } else {
+    inv ? run_step<scalar_t, false, true>(a, cx) : run_step<scalar_t, false, false>(a, cx);
   }
-  a.residuals[0] += primal;
-  a.residuals[a.residual_stride] += dual;
 }
 
 // Runs the step for the storage dtype of `a`; false for a dtype without a kernel (the caller
 // has validated the dtype and reports the error: no error machinery is compiled here for the
 // wider instruction sets).
-inline bool dispatch(const StepArgs& a) {
+inline bool dispatch_step(const StepArgs& a) {
   switch (a.dtype) {
     case c10::ScalarType::Float:
       fused_step<float>(a);
@@ -215,9 +294,119 @@ inline bool dispatch(const StepArgs& a) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// nonfinite scan and copy
+
+// Elements [begin, end) of one slot: copied to dst when it is given and, with kCheck, scanned.
+// Returns whether a NaN or an infinity was read. x - x is 0 for a finite x and NaN otherwise; the
+// lanes accumulate it, so one test per item decides.
+template <typename scalar_t, bool kCheck>
+bool scan_range(const scalar_t* src, scalar_t* dst, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kStep = 2 * Vec::size();
+  if constexpr (!kCheck) {
+    if (end > begin && dst != src) {
+      std::memcpy(dst + begin, src + begin, static_cast<size_t>(end - begin) * sizeof(scalar_t));
+    }
+    return false;
+  } else {
+    Vec acc0(acc_t(0)), acc1(acc_t(0));
+    int64_t i = begin;
+    if (dst != nullptr) {
+      // Copy the raw elements (bit-exact for every value, NaN payloads included) and scan
+      // the widened ones.
+      using SVec = Vectorized<scalar_t>;
+      constexpr int64_t kRaw = SVec::size();
+      static_assert(kStep % kRaw == 0, "a step covers whole storage vectors");
+      for (; i + kStep <= end; i += kStep) {
+        for (int64_t j = 0; j < kStep; j += kRaw) {
+          SVec::loadu(src + i + j).store(dst + i + j);
+        }
+        Vec x0, x1;
+        VecIO<scalar_t>::load(src + i, x0, x1);
+        acc0 = acc0 + (x0 - x0);
+        acc1 = acc1 + (x1 - x1);
+      }
+    } else {
+      for (; i + kStep <= end; i += kStep) {
+        Vec x0, x1;
+        VecIO<scalar_t>::load(src + i, x0, x1);
+        acc0 = acc0 + (x0 - x0);
+        acc1 = acc1 + (x1 - x1);
+      }
+    }
+    acc_t lanes[kStep];
+    (acc0 + acc1).store(lanes);
+    bool bad = false;
+    for (int64_t l = 0; l < Vec::size(); ++l) {
+      bad |= lanes[l] != acc_t(0);
+    }
+    for (; i < end; ++i) {
+      const scalar_t v = src[i];
+      if (dst != nullptr) {
+        dst[i] = v;
+      }
+      bad |= !std::isfinite(static_cast<acc_t>(v));
+    }
+    return bad;
+  }
+}
+
+template <bool kCheck>
+bool scan_slot_range(const ScanSlot& s, int64_t begin, int64_t end) {
+  switch (s.dtype) {
+    case c10::ScalarType::Float:
+      return scan_range<float, kCheck>(static_cast<const float*>(s.src), static_cast<float*>(s.dst),
+                                       begin, end);
+    case c10::ScalarType::Double:
+      return scan_range<double, kCheck>(static_cast<const double*>(s.src),
+                                        static_cast<double*>(s.dst), begin, end);
+    case c10::ScalarType::BFloat16:
+      return scan_range<c10::BFloat16, kCheck>(static_cast<const c10::BFloat16*>(s.src),
+                                               static_cast<c10::BFloat16*>(s.dst), begin, end);
+    case c10::ScalarType::Half:
+      return scan_range<c10::Half, kCheck>(static_cast<const c10::Half*>(s.src),
+                                           static_cast<c10::Half*>(s.dst), begin, end);
+    default: {
+      if constexpr (!kCheck) {  // a plain copy of any other dtype, byte by byte
+        const size_t size = c10::elementSize(s.dtype);
+        if (end > begin && s.dst != s.src) {
+          std::memcpy(static_cast<char*>(s.dst) + begin * size,
+                      static_cast<const char*>(s.src) + begin * size,
+                      static_cast<size_t>(end - begin) * size);
+        }
+      }
+      return false;
+    }
+  }
+}
+
+inline bool scan(const ScanArgs& a) {
+  std::atomic<bool> found{false};
+  if (a.check) {
+    for_each_item(a.items, a.n_items, a.total_work, [&](const WorkItem& item, int64_t) {
+      const ScanSlot& s = a.slots[item.slot];
+      // Without a copy to finish, the scan stops once any thread has found a value.
+      if (s.dst == nullptr && found.load(std::memory_order_relaxed)) {
+        return;
+      }
+      if (scan_slot_range<true>(s, item.begin, item.end)) {
+        found.store(true, std::memory_order_relaxed);
+      }
+    });
+  } else {
+    for_each_item(a.items, a.n_items, a.total_work, [&](const WorkItem& item, int64_t) {
+      scan_slot_range<false>(a.slots[item.slot], item.begin, item.end);
+    });
+  }
+  return found.load();
+}
+
 }  // namespace badm_fast::cpu::BADM_CPU_ISA
 
-#define BADM_DEFINE_ENTRY(name)                                            \
-  namespace badm_fast::cpu {                                               \
-  bool name(const StepArgs& args) { return BADM_CPU_ISA::dispatch(args); } \
+#define BADM_DEFINE_ENTRIES(suffix)                                                            \
+  namespace badm_fast::cpu {                                                                   \
+  bool fused_step_##suffix(const StepArgs& args) { return BADM_CPU_ISA::dispatch_step(args); } \
+  bool scan_##suffix(const ScanArgs& args) { return BADM_CPU_ISA::scan(args); }                \
   }

@@ -1,8 +1,13 @@
-// The per-element arithmetic of one fused BADM step (ALGORITHM.md, "Fused form").
+// The per-element arithmetic of one fused BADM step, as badm_fast/reference.py::fused_step_
+// specifies it (docs/algorithm.md derives it).
 //
-// Shared by every compiled back end: the CPU kernel instantiates it with scalars (float,
-// double) and with at::vec::Vectorized<float|double>; the CUDA kernel with float and double.
-// Plain C++ (no torch headers) so that nvcc compiles it standalone.
+// Shared by the compiled back ends: the CPU kernel instantiates it with scalars (float, double)
+// and with at::vec::Vectorized<float|double>; device code with float and double. Plain C++ (no
+// torch headers) so that nvcc compiles it standalone.
+//
+// Every operation is rounded on its own, in the order written (the contract's order). Host code
+// must be compiled without floating-point contraction (setup.py passes -ffp-contract=off); in CUDA
+// device code the scalar helpers below use the _rn intrinsics, which are never fused into an FMA.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -15,43 +20,100 @@
 
 namespace badm_fast {
 
-// The step's constants in the arithmetic type T (a scalar or a vector of scalars). Derived
-// quantities are computed once per call in double and rounded to the arithmetic type, as the
-// PyTorch reference does with its Python-float hyperparameters.
+// Multiplication, addition and subtraction, each rounded once (never contracted).
 template <typename T>
-struct BadmConstants {
-  T rho;              // proximal coefficient, rho >= 0
-  T sigma;            // penalty, sigma > 0
-  T c;                // 1 / (rho + sigma)
-  T minus_two_c;      // -2 / (rho + sigma)
-  T rho_minus_sigma;  // rho - sigma
-  T c_over_sigma;     // 1 / (sigma (rho + sigma))
+BADM_INLINE T rn_mul(const T& x, const T& y) {
+  return x * y;
+}
+template <typename T>
+BADM_INLINE T rn_add(const T& x, const T& y) {
+  return x + y;
+}
+template <typename T>
+BADM_INLINE T rn_sub(const T& x, const T& y) {
+  return x - y;
+}
+#if defined(__CUDA_ARCH__)
+template <>
+BADM_INLINE float rn_mul(const float& x, const float& y) {
+  return __fmul_rn(x, y);
+}
+template <>
+BADM_INLINE float rn_add(const float& x, const float& y) {
+  return __fadd_rn(x, y);
+}
+template <>
+BADM_INLINE float rn_sub(const float& x, const float& y) {
+  return __fsub_rn(x, y);
+}
+template <>
+BADM_INLINE double rn_mul(const double& x, const double& y) {
+  return __dmul_rn(x, y);
+}
+template <>
+BADM_INLINE double rn_add(const double& x, const double& y) {
+  return __dadd_rn(x, y);
+}
+template <>
+BADM_INLINE double rn_sub(const double& x, const double& y) {
+  return __dsub_rn(x, y);
+}
+#endif
+
+// The step's constants (reference.step_constants) in the arithmetic type T, a scalar or a
+// vector of scalars.
+template <typename T>
+struct StepConstants {
+  T a;     // mu                             dual:     pi' = a*pi - b*g
+  T b;     // 1 - mu
+  T c;     // -2 * lr                        step:     t = c*g + d*pi
+  T d;     // (lr * (2*mu - 1)) / (1 - mu)
+  T e;     // lr                             residual: l = (g + pi)*e
+  T wd;    // weight_decay                   g = g + wd*z
+  T sign;  // 1 - 2*maximize                 g = g*sign
 };
 
+// Derives the constants from hyper = [lr, momentum, weight_decay, maximize] in double, in
+// exactly the order of reference.step_constants, then rounds each once to T.
 template <typename T>
-BADM_INLINE BadmConstants<T> badm_constants(double rho, double sigma) {
-  const double c = 1.0 / (rho + sigma);
-  return {static_cast<T>(rho),      static_cast<T>(sigma),       static_cast<T>(c),
-          static_cast<T>(-2.0 * c), static_cast<T>(rho - sigma), static_cast<T>(c / sigma)};
+BADM_INLINE StepConstants<T> step_constants(const double* hyper) {
+  const double lr = hyper[0];
+  const double mu = hyper[1];
+  const double wd = hyper[2];
+  const double mx = hyper[3];
+  const double one_minus = rn_sub(1.0, mu);
+  const double two_mu_minus_one = rn_sub(rn_mul(2.0, mu), 1.0);
+  StepConstants<T> k;
+  k.a = static_cast<T>(mu);
+  k.b = static_cast<T>(one_minus);
+  k.c = static_cast<T>(rn_mul(-2.0, lr));
+  k.d = static_cast<T>(rn_mul(lr, two_mu_minus_one) / one_minus);
+  k.e = static_cast<T>(lr);
+  k.wd = static_cast<T>(wd);
+  k.sign = static_cast<T>(rn_sub(1.0, rn_mul(2.0, mx)));
+  return k;
 }
 
-// One sub-batch s at one element, with g = g_s (the gradient of sub-batch s at z) and
-// pi = pi_s (its old dual):
-//     pi_s'    = (rho pi_s - sigma g_s) / (rho + sigma)
-//     z_term_s = -2 g_s / (rho + sigma) + (rho - sigma) pi_s / (sigma (rho + sigma))
-// and the caller forms z' = z + sum_s alpha_s z_term_s.
-template <typename T>
-BADM_INLINE void badm_element(const T& g, const T& pi, const BadmConstants<T>& k, T& new_pi,
-                              T& z_term) {
-  new_pi = (k.rho * pi - k.sigma * g) * k.c;
-  z_term = k.minus_two_c * g + k.rho_minus_sigma * pi * k.c_over_sigma;
+// One row r at one element, g already widened to T and multiplied by inv_scale when given:
+//     g = g*sign; g = g + wz; pi' = a*pi - b*g; t = c*g + d*pi; delta = delta + alpha*t
+// Returns g after the two updates (the residual needs it); writes pi' to new_pi.
+template <typename T, typename K>
+BADM_INLINE T badm_row(T g, const T& pi, const T& wz, const T& alpha, const K& k, T& new_pi,
+                       T& delta) {
+  g = rn_mul(g, k.sign);
+  g = rn_add(g, wz);
+  new_pi = rn_sub(rn_mul(k.a, pi), rn_mul(k.b, g));
+  const T t = rn_add(rn_mul(k.c, g), rn_mul(k.d, pi));
+  delta = rn_add(delta, rn_mul(alpha, t));
+  return g;
 }
 
-// The local solution's offset from z, up to sign: z - w_s' = (g_s + pi_s) / (rho + sigma).
-// Its alpha-weighted square, summed over elements, is the primal residual.
-template <typename T>
-BADM_INLINE T badm_local_offset(const T& g, const T& pi, const BadmConstants<T>& k) {
-  return (g + pi) * k.c;
+// The row's primal-residual term, with g as badm_row returns it and pi the old dual:
+//     l = (g + pi)*e; prim = prim + (alpha*l)*l
+template <typename T, typename K>
+BADM_INLINE void badm_row_residual(const T& g, const T& pi, const T& alpha, const K& k, T& prim) {
+  const T l = rn_mul(rn_add(g, pi), k.e);
+  prim = rn_add(prim, rn_mul(rn_mul(alpha, l), l));
 }
 
 }  // namespace badm_fast

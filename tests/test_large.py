@@ -1,32 +1,48 @@
-"""64-bit indexing in the C++ CPU kernel: calls whose element offsets go beyond 2^31.
+"""64-bit indexing in the C++ CPU kernel (torch.ops.badm_fast.fused_step_ext): element offsets
+and summed work beyond 2^31.
 
 Two slow tests (marked ``slow``; each skipped, with the reason, when the machine has too
-little available memory):
+little available memory or the extension is not built):
 
-- one row of P = 2^31 + 33 bfloat16 elements (z 4.3 GB, grads 4.3 GB, duals fp32 8.6 GB);
-- two rows of 2^30 + 64 elements with a row stride of 2^30 + 80, so that row 1's offsets
-  s * stride + i pass 2^31 (the duals buffer holds more than 2^31 fp32 elements).
+- one bfloat16 tensor of P = 2^31 + 33 elements, R = 1 (params 4.3 GB, grads 4.3 GB, duals
+  fp32 8.6 GB): offsets within one tensor pass 2^31;
+- a list of two bfloat16 tensors of 2^30 + 64 and 2^30 + 80 elements, R = 1: each tensor's
+  offsets stay below 2^31, the list's total (the work items' running sums) passes it.
 
 The buffers are filled with constants (fast), except for short windows at the places that
 matter (the start, around 2^31, the end), which get random values; the expected values of
-those windows are computed by the reference on copies taken before the call. Every buffer
-is followed by poisoned (NaN) elements that must stay untouched. The same checks run at a
+those windows, and of one constant element per tensor, are computed by the reference on copies
+taken before the call and must match bit for bit. Every tensor is a view of a longer buffer
+whose extra elements are NaN (the poison) and must stay untouched. The same checks run at a
 small size on every test run, so the logic of the slow tests is exercised cheaply.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 
-import parity
 import pytest
 import torch
 
-from badm_fast import backends, reference
+from badm_fast import reference
 
 GB = 1e9
 POISON = 16
 WINDOW = 48
+
+
+@pytest.fixture(scope="module")
+def op():
+    try:
+        import badm_fast._C  # noqa: F401
+    except ModuleNotFoundError as err:
+        if err.name != "badm_fast._C":
+            raise
+        if os.environ.get("BADM_FAST_REQUIRE_EXTENSION") == "1":
+            pytest.fail("BADM_FAST_REQUIRE_EXTENSION=1 but badm_fast._C is not built", pytrace=False)
+        pytest.skip("badm_fast._C is not built (pure-Python install)")
+    return torch.ops.badm_fast.fused_step_ext
 
 
 def _mem_available() -> float:
@@ -47,126 +63,126 @@ def _require_memory(needed: float) -> None:
         pytest.skip(f"needs about {needed / GB:.1f} GB of available memory, {available / GB:.1f} GB available")
 
 
-@pytest.fixture(scope="module")
-def cpp_kernel():
-    ok, reason, _ = backends.availability("cpp", "cpu")
-    if not ok:
-        pytest.skip(reason)
-    return backends.kernel_for("cpp")
-
-
-def _footprint(S: int, P: int, row_stride: int, dtype: torch.dtype) -> float:
+def _footprint(sizes: list[int], R: int, dtype: torch.dtype) -> float:
     itemsize = torch.empty((), dtype=dtype).element_size()
     cdt_size = torch.empty((), dtype=reference.compute_dtype(dtype)).element_size()
-    return (P + POISON) * itemsize + S * (row_stride + POISON) * (itemsize + cdt_size)
+    return sum((P + POISON) * (itemsize + R * (itemsize + cdt_size)) for P in sizes)
 
 
-def _run(kernel, S: int, P: int, row_stride: int, dtype: torch.dtype, windows: list[int]) -> None:
-    """One kernel call over (S, P) buffers with the given row stride. ``windows`` are start
-    indices (columns) of the WINDOW-element windows that get random values and are checked."""
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(view), b.view(view))
+
+
+def _run(op, sizes: list[int], R: int, dtype: torch.dtype, windows: list[list[int]]) -> None:
+    """One op call over len(sizes) tensors with R rows. ``windows[i]`` are the start indices of
+    the WINDOW-element windows of tensor i that get random values and are checked."""
     cdt = reference.compute_dtype(dtype)
-    gen = torch.Generator().manual_seed(P % 9973 + S)
+    gen = torch.Generator().manual_seed(sum(sizes) % 9973 + R)
     nan = float("nan")
-    z_full = g_full = d_full = None
+    n = len(sizes)
+    fulls = []
+    params, grads, duals = [], [None] * (R * n), [None] * (R * n)
     try:
-        # torch.empty, then every element written once: the body below, the poison here
-        z_full = torch.empty(P + POISON, dtype=dtype)
-        g_full = torch.empty(S * row_stride + POISON, dtype=dtype)
-        d_full = torch.empty(S * row_stride + POISON, dtype=cdt)
-        z_full[P:] = nan
-        for full in (g_full, d_full):
-            full[S * row_stride :] = nan
-            full[: S * row_stride].view(S, row_stride)[:, P:] = nan
-        z = z_full[:P]
-        grads = g_full[: S * row_stride].view(S, row_stride)[:, :P]
-        duals = d_full[: S * row_stride].view(S, row_stride)[:, :P]
-        assert grads.stride() == (row_stride, 1) and duals.stride() == (row_stride, 1)
-        # constants almost everywhere (one value per row), random values in the windows
-        z.fill_(1.0)
-        for s in range(S):
-            grads[s].fill_(0.5 + s)
-            duals[s].fill_(-0.25 * (s + 1))
-        cols = []
-        for a in windows:
-            a = max(0, min(a, P - WINDOW))
-            cols.append((a, a + WINDOW))
-            z[a : a + WINDOW] = torch.randn(WINDOW, generator=gen).to(dtype)
-            grads[:, a : a + WINDOW] = torch.randn(S, WINDOW, generator=gen).to(dtype)
-            duals[:, a : a + WINDOW] = torch.randn(S, WINDOW, generator=gen).to(cdt)
-        w = torch.rand(S, generator=gen, dtype=torch.float64) + 0.1
+        for i, P in enumerate(sizes):
+            # torch.empty, then every element written once: the body below, the poison here
+            z_full = torch.empty(P + POISON, dtype=dtype)
+            z_full[P:] = nan
+            z_full[:P].fill_(1.0)
+            params.append(z_full[:P])
+            fulls.append(z_full)
+            for r in range(R):
+                g_full = torch.empty(P + POISON, dtype=dtype)
+                d_full = torch.empty(P + POISON, dtype=cdt)
+                g_full[P:] = nan
+                d_full[P:] = nan
+                g_full[:P].fill_(0.5 + r)
+                d_full[:P].fill_(-0.25 * (r + 1))
+                grads[r * n + i], duals[r * n + i] = g_full[:P], d_full[:P]
+                fulls += [g_full, d_full]
+        w = torch.rand(R, generator=gen, dtype=torch.float64) + 0.1
         weights = (w / w.sum()).to(cdt)
-        rho, sigma = 1.5, 2.5
+        hyper = reference.hyper_tensor(0.0123, 0.6173, weight_decay=0.0071)
 
-        # expected values, from copies of the windows and of one constant column
-        const_col = next(i for i in (P // 2, P // 3, 1) if all(not a <= i < b for a, b in cols))
+        # random windows; expected values from copies of the windows and of one constant element
         expect = []
-        for a, b in [*cols, (const_col, const_col + 1)]:
-            zw, gw, dw = z[a:b].clone(), grads[:, a:b].clone(), duals[:, a:b].clone()
-            want_z, want_d, _ = parity.oracle(zw, gw, dw, weights, rho, sigma)
-            low = zw.clone()
-            reference.fused_step_(low, gw, dw.clone(), weights, rho, sigma)
-            expect.append((a, b, want_z, want_d, low))
+        for i, P in enumerate(sizes):
+            cols = []
+            for a in windows[i]:
+                a = max(0, min(a, P - WINDOW))
+                b = min(a + WINDOW, P)
+                cols.append((a, b))
+                params[i][a:b] = torch.randn(b - a, generator=gen).to(dtype)
+                for r in range(R):
+                    grads[r * n + i][a:b] = torch.randn(b - a, generator=gen).to(dtype)
+                    duals[r * n + i][a:b] = torch.randn(b - a, generator=gen).to(cdt)
+            const = [c for c in (P // 2, P // 3, 1) if c < P and all(not a <= c < b for a, b in cols)][:1]
+            for a, b in [*cols, *((c, c + 1) for c in const)]:
+                z = [params[i][a:b].clone()]
+                g = [grads[r * n + i][a:b].clone() for r in range(R)]
+                d = [duals[r * n + i][a:b].clone() for r in range(R)]
+                reference.fused_step_(z, g, d, weights, hyper)
+                expect.append((i, a, b, z[0], d))
+            if const:  # a sample of constant elements, against the constant element's expected value
+                idx = torch.arange(0, P, max(1, P // 4099))
+                idx = idx[[all(not a <= int(c) < b for a, b in cols) for c in idx]]
+                expect.append((i, idx, None, expect[-1][3], expect[-1][4]))
 
-        kernel(z, grads, duals, weights, rho, sigma)
+        op(params, grads, duals, weights, hyper)
 
-        for a, b, want_z, want_d, low in expect:
-            where = f"columns [{a}, {b}) (element offsets up to {(S - 1) * row_stride + b - 1})"
-            parity._tol_check(f"z {where}", z[a:b], want_z, low if dtype in (torch.bfloat16, torch.float16) else None,
-                              dtype)
-            parity._tol_check(f"duals {where}", duals[:, a:b], want_d, None, cdt)
-        # every constant column got the same update: sample the whole range with a stride
-        idx = torch.arange(0, P, max(1, P // 4099))
-        idx = idx[[all(not a <= int(i) < b for a, b in cols) for i in idx]]
-        assert torch.equal(z[idx], z[const_col].expand(idx.numel())), "constant columns were not all updated alike"
-        for s in range(S):
-            assert torch.equal(duals[s, idx], duals[s, const_col].expand(idx.numel()))
-        # the poison after z, between rows and after the last row is intact
-        assert torch.isnan(z_full[P:]).all(), "wrote past the end of z"
-        for full in (g_full, d_full):
-            rows = full[: S * row_stride].view(S, row_stride)
-            assert torch.isnan(rows[:, P:]).all() and torch.isnan(full[S * row_stride :]).all(), "wrote past a row"
+        for i, a, b, want_z, want_d in expect:
+            if b is None:  # the constant elements
+                got_z = params[i][a]
+                assert _same_bits(got_z, want_z.expand(a.numel())), f"constant elements of params[{i}] differ"
+                for r in range(R):
+                    got_d = duals[r * n + i][a]
+                    assert _same_bits(got_d, want_d[r].expand(a.numel())), f"constant elements of duals[{r * n + i}]"
+                continue
+            where = f"params[{i}][{a}:{b}]"
+            assert _same_bits(params[i][a:b], want_z), f"{where} differs from the reference"
+            for r in range(R):
+                assert _same_bits(duals[r * n + i][a:b], want_d[r]), f"duals[{r * n + i}][{a}:{b}] differs"
+        for full, P in zip(fulls, [s for s in sizes for _ in range(1 + 2 * R)]):
+            assert torch.isnan(full[P:]).all(), "wrote past the end of a tensor"
     finally:
-        del z_full, g_full, d_full
+        del params, grads, duals, fulls
         gc.collect()
 
 
-def _beyond_2_31_one_row():
+def _one_tensor_beyond_2_31():
     P = 2**31 + 33
-    return dict(S=1, P=P, row_stride=P, windows=[0, 2**31 - WINDOW // 2, 2**31 + 1, P - WINDOW])
+    return dict(sizes=[P], R=1, windows=[[0, 2**31 - WINDOW // 2, 2**31 + 1, P - WINDOW]])
 
 
-def _beyond_2_31_row_offsets():
-    P, stride = 2**30 + 64, 2**30 + 80
-    cross = 2**31 - stride  # column where row 1's offset 1 * stride + i reaches 2^31
-    return dict(S=2, P=P, row_stride=stride, windows=[0, cross - WINDOW // 2, P - WINDOW])
-
-
-@pytest.mark.slow
-def test_one_row_beyond_2_31_elements(cpp_kernel):
-    case = _beyond_2_31_one_row()
-    needed = _footprint(case["S"], case["P"], case["row_stride"], torch.bfloat16) + 1.3 * GB
-    _require_memory(needed)
-    _run(cpp_kernel, dtype=torch.bfloat16, **case)
+def _list_total_beyond_2_31():
+    sizes = [2**30 + 64, 2**30 + 80]
+    return dict(sizes=sizes, R=1, windows=[[0, 2**29, sizes[0] - WINDOW], [0, 2**30 - 7, sizes[1] - WINDOW]])
 
 
 @pytest.mark.slow
-def test_row_offsets_beyond_2_31_elements(cpp_kernel):
-    case = _beyond_2_31_row_offsets()
-    assert (case["S"] - 1) * case["row_stride"] + case["P"] > 2**31
-    needed = _footprint(case["S"], case["P"], case["row_stride"], torch.bfloat16) + 1.3 * GB
-    _require_memory(needed)
-    _run(cpp_kernel, dtype=torch.bfloat16, **case)
+def test_one_tensor_beyond_2_31_elements(op):
+    case = _one_tensor_beyond_2_31()
+    _require_memory(_footprint(case["sizes"], case["R"], torch.bfloat16) + 1.3 * GB)
+    _run(op, dtype=torch.bfloat16, **case)
+
+
+@pytest.mark.slow
+def test_list_total_beyond_2_31_elements(op):
+    case = _list_total_beyond_2_31()
+    assert sum(case["sizes"]) > 2**31 and max(case["sizes"]) < 2**31
+    _require_memory(_footprint(case["sizes"], case["R"], torch.bfloat16) + 1.3 * GB)
+    _run(op, dtype=torch.bfloat16, **case)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(
-    "S,P,row_stride,windows",
+    "sizes,R,windows",
     [
-        (1, 100_033, 100_033, [0, 65_536 - WINDOW // 2, 65_537, 100_033 - WINDOW]),
-        (2, 50_064, 50_080, [0, 65_536 - 50_080 - WINDOW // 2, 50_064 - WINDOW]),
-        (3, 40_000, 40_007, [0, 17_000, 40_000 - WINDOW]),
+        ([100_033], 1, [[0, 65_536 - WINDOW // 2, 65_537, 100_033 - WINDOW]]),
+        ([50_064, 50_080], 1, [[0, 16_384 - 5, 50_064 - WINDOW], [0, 32_768 - 7, 50_080 - WINDOW]]),
+        ([40_000, 7, 40_007], 3, [[0, 17_000, 40_000 - WINDOW], [0], [0, 40_007 - WINDOW]]),
     ],
 )
-def test_the_large_checks_at_a_small_size(cpp_kernel, S, P, row_stride, windows, dtype):
-    """The logic of the slow tests (windows, constant columns, poison between rows), small."""
-    _run(cpp_kernel, S, P, row_stride, dtype, windows)
+def test_the_large_checks_at_a_small_size(op, sizes, R, windows, dtype):
+    """The logic of the slow tests (windows, constant elements, poison after each tensor), small."""
+    _run(op, sizes, R, dtype, windows)
