@@ -10,11 +10,10 @@
 """
 
 from . import distributed, reference
+from ._version import __version__
 from .backends import BackendUnavailable
 from .helpers import split_batch, split_step, vmap_step
 from .optimizer import BADM, STATE_VERSION
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BADM",
