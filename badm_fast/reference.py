@@ -2,7 +2,7 @@ r"""Readable PyTorch specification of BADM (batch ADMM, arXiv:2407.01640).
 
 This module is the oracle of the test suite, the ``backend="torch"`` fallback of
 :class:`badm_fast.BADM` and the baseline of the benchmarks. It holds two forms of the
-same update (see ALGORITHM in the README):
+same update (derived in docs/algorithm.md):
 
 Paper form (explicit local copies ``w_s`` and duals ``pi_s``), one batch:
 
@@ -42,7 +42,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def badm_element(z, g, p, rho, sigma):
-    """Per-sub-batch terms of the fused update, written as in ALGORITHM.md.
+    """Per-sub-batch terms of the fused update, written as in docs/algorithm.md.
 
     Returns ``(new_dual, z_term)`` where ``z' = z + sum_s alpha_s * z_term_s``.
     Works on tensors or Python floats alike.

@@ -196,7 +196,7 @@ class DigitsTask(_ClassificationTask):
     name = "digits"
     # rho, sigma: bench/sweep_badm.md, digits table (15 epochs, seeds 0 and 1): sigma=2, mu=0.5 gave
     # 0.9847 final test accuracy (sigma=5: 0.9833, sigma=10: 0.9763; sigma=1 needs mu=0.9). rho = sigma
-    # makes BADM's global step exactly SGD with lr 1/sigma (ALGORITHM.md).
+    # makes BADM's global step exactly SGD with lr 1/sigma (docs/algorithm.md).
     defaults = dict(_COMMON_DEFAULTS, epochs=30, batch_size=32, badm_rho=2.0, badm_sigma=2.0)
 
     def load(self):

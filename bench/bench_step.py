@@ -20,7 +20,7 @@ scaled by the same factor so that they add up to P; ``--sizes resnet50`` uses th
 shapes, 25,557,032 elements). The kernel, plain and compiled steps work on flat buffers by
 definition and run for the flat layout only.
 
-Bytes moved per step (ALGORITHM.md): BADM reads z, S gradient rows and S dual rows and writes
+Bytes moved per step (docs/algorithm.md): BADM reads z, S gradient rows and S dual rows and writes
 S dual rows and z: ``P * (2*isz + S*isz + 2*S*4)`` with ``isz`` the parameter dtype's item
 size and fp32 duals, i.e. (3S + 2) values per element. Adam moves 7 values per element (param
 read/write, grad read, exp_avg read/write, exp_avg_sq read/write), SGD with momentum 5, each

@@ -1,7 +1,7 @@
 """A small sweep of BADM's (rho, sigma) with ``badm-train``; the defaults of the job come from it.
 
-sigma is about 1/learning rate and rho = sigma * mu / (1 - mu) for an SGD momentum mu
-(ALGORITHM.md, "Hyperparameters in familiar terms"), so the grid is sigma x mu:
+sigma = (1 - mu)/lr and rho = sigma * mu / (1 - mu) = mu/lr match SGD(lr, momentum mu) at steady state
+(docs/algorithm.md, "Correspondence with momentum SGD"), so the grid is sigma x mu:
 
     python bench/sweep_badm.py                         # every task of SWEEPS, writes bench/sweep_badm.md
     python bench/sweep_badm.py --tasks digits graph    # some of them

@@ -1,4 +1,4 @@
-// The per-element arithmetic of one fused BADM step (ALGORITHM.md, "Fused form").
+// The per-element arithmetic of one fused BADM step (docs/algorithm.md, "Fused form").
 //
 // Shared by every compiled back end: the CPU kernel instantiates it with scalars (float,
 // double) and with at::vec::Vectorized<float|double>; the CUDA kernel with float and double.

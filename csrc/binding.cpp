@@ -3,7 +3,7 @@
 //   fused_step_ext(Tensor(a!) z, Tensor grads, Tensor(b!) duals, Tensor weights,
 //                  float rho, float sigma, Tensor(c!)? residuals=None) -> ()
 //
-// One fused BADM step in place on z and duals (see badm_element.h and ALGORITHM.md). The
+// One fused BADM step in place on z and duals (see badm_element.h and docs/algorithm.md). The
 // CUDA implementation, when built, lives in cuda/binding_cuda.cpp; the fake (meta)
 // implementation used by torch.compile is registered from Python.
 #include <Python.h>  // first, as Python requires

@@ -2,7 +2,7 @@ r"""Triton kernel of the fused BADM step (the ``triton`` back end).
 
 One program owns ``BLOCK`` consecutive elements of the flat buffer and loops over the ``S``
 sub-batch rows: it reads ``z`` once, every gradient row and every dual row once, writes every
-dual row once and ``z`` once, i.e. the (3S + 2) values per element of ALGORITHM.md. Per
+dual row once and ``z`` once, i.e. the (3S + 2) values per element of docs/algorithm.md. Per
 element (fp32 arithmetic, fp64 for fp64 storage; :math:`\pi_s` is the old dual):
 
 .. math::
@@ -58,7 +58,7 @@ _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _badm_element(g, p, rho, sigma, c, c_over_sigma):
-    """Fused BADM terms of one sub-batch, as in ALGORITHM.md (``c = 1/(rho+sigma)``).
+    """Fused BADM terms of one sub-batch, as in docs/algorithm.md (``c = 1/(rho+sigma)``).
 
     Returns ``(new_dual, z_term)``; ``z' = z + sum_s alpha_s * z_term_s``.
     """

@@ -59,7 +59,7 @@ def test_paper_form_duals_match_fused_duals():
 @pytest.mark.parametrize("rho,sigma", [(9.0, 10.0), (30.0, 5.0), (1.0, 4.0)])
 def test_qhm_identity(rho, sigma):
     """BADM with S sub-batches and constant weights is QHM on the weighted mean gradient
-    (ALGORITHM.md): lr = 1/sigma, beta = rho/(rho+sigma), nu = 1 - sigma/rho."""
+    (docs/algorithm.md): lr = 1/sigma, beta = rho/(rho+sigma), nu = 1 - sigma/rho."""
     S, P, steps = 4, 11, 80
     grad = _quadratic_problem(S, P, seed=3)
     alpha = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)

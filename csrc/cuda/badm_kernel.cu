@@ -1,4 +1,4 @@
-// CUDA kernel of the fused BADM step (ALGORITHM.md, "Fused form"), one pass over memory:
+// CUDA kernel of the fused BADM step (docs/algorithm.md, "Fused form"), one pass over memory:
 // read z, the S gradient rows and the S dual rows; write the S dual rows and z.
 //
 // Each thread handles N consecutive elements per iteration of a grid-stride loop (64-bit
