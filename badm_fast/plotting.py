@@ -31,9 +31,17 @@ def _figure(**kwargs):
     return fig
 
 
+def _task_attribute(task: str, name: str):
+    """An attribute of ``badm_fast.tasks.TASKS[task]`` (for results.json files written before it was recorded)."""
+    from badm_fast import tasks
+
+    return getattr(tasks.TASKS.get(task), name, None)
+
+
 def _title(results: dict) -> str:
     """What ran: task, examples (and the subset), batch, step caps, sub-batches, epochs, seed."""
     cfg, data = results["config"], results["data"]
+    data = dict(data, source=data.get("source") or _task_attribute(cfg["task"], "source"))
     parts = [f"{data['n_train']} training / {data.get('n_test', '?')} test examples"]
     if cfg.get("subset") is not None:
         parts[0] += f" (--subset {cfg['subset']})"
@@ -65,7 +73,7 @@ def curves_figure(results: dict):
     cfg = results["config"]
     metric = results["metric"]["name"]
     metric_label = METRIC_LABELS.get(metric, metric)
-    loss_unit = results.get("data", {}).get("loss_unit")
+    loss_unit = results.get("data", {}).get("loss_unit") or _task_attribute(cfg["task"], "loss_unit")
     loss_label = f"training loss ({loss_unit})" if loss_unit else "training loss"
     full_batch = cfg["batch_size"] == 0
     step_label = "full-batch step" if full_batch else "epoch"

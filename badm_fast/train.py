@@ -245,7 +245,7 @@ class Progress:
     (``update``, ``set_postfix``); :func:`run_optimizer` adds the epochs and phases.
     """
 
-    PHASES = ("training", "evaluating", "saving")
+    PHASES = ("training", "evaluating", "saving")  # and "done" once closed
 
     def __init__(self, mode: str, name: str, epochs: int, total_steps: int, initial: int, metric: str, file=None):
         if mode not in ("bar", "lines", "off"):
@@ -316,6 +316,8 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            self.current = "done"
+            self._render(True)
             self._bar.close()
             self._bar = None
 
