@@ -53,7 +53,17 @@ import torch.distributed as _dist
 from badm_fast import checkpoint as _checkpoint
 from badm_fast import tasks as _tasks
 
-__all__ = ["OPTIMIZERS", "build_parser", "main", "make_optimizer", "train_epoch", "epoch_batches", "atomic_open"]
+__all__ = [
+    "OPTIMIZERS",
+    "Progress",
+    "atomic_open",
+    "build_parser",
+    "default_threads",
+    "epoch_batches",
+    "main",
+    "make_optimizer",
+    "train_epoch",
+]
 
 OPTIMIZERS = ("badm", "sgd", "adam", "adamw", "qhm")
 DEFAULT_OPTIMIZERS = "badm,sgd,adam"
