@@ -1,9 +1,17 @@
 """Build and install badm_fast, with its optional compiled extension ``badm_fast._C``.
 
-Install into an environment that already has torch (the extension is compiled against it)::
+The package's metadata (name, version, dependencies, the ``badm-train`` script) lives in
+``pyproject.toml``, the version in ``badm_fast/_version.py``; this file adds what the build
+computes: the packages and the extension. Install into an environment that already has torch
+(the extension is compiled against it)::
 
-    pip install --no-build-isolation -e .          # editable, the extension built in place
-    pip install --no-build-isolation .             # regular install
+    pip install --no-build-isolation --use-pep517 -e .   # editable, the extension built in place
+    pip install --no-build-isolation .                   # regular install
+    python setup.py sdist                                # source archive (needs no torch)
+
+A build that cannot import torch (``pip install .`` with pip's default build isolation, which
+hides the installed torch) installs the pure-Python package and says so in the build log; with
+``BADM_FAST_REQUIRE_EXTENSION=1`` it fails instead.
 
 What gets built:
 
@@ -18,6 +26,9 @@ Environment switches:
 
 ``BADM_FAST_NO_EXTENSION=1``
     Pure-Python install: no compiled extension at all (back ends "torch" and "triton" only).
+``BADM_FAST_REQUIRE_EXTENSION=1``
+    Fail when ``badm_fast._C`` cannot be built (no torch importable, no C++ compiler) instead of
+    installing the pure-Python package.
 ``BADM_FAST_FORCE_CUDA=1``
     Require the CUDA kernel: fail with the reason if it cannot be built, instead of skipping
     it. ``BADM_FAST_FORCE_CUDA=0`` never builds it. Unset: build it when possible.
@@ -56,7 +67,10 @@ from setuptools.command.build_py import build_py as _build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NAME = "badm_fast"
-VERSION = "0.1.0"
+
+# setup.py commands that compile or install: only these plan the extension (and import torch);
+# the others (sdist, egg_info, dist_info, --version, ...) describe or pack the sources.
+_BUILD_COMMANDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel", "develop", "install"}
 
 
 def _env_flag(name: str) -> bool | None:
@@ -135,24 +149,37 @@ def _cuda_plan(torch) -> tuple[bool, str]:
     return False, reason
 
 
+def _builds(argv: list[str]) -> bool:
+    """Whether the command line runs a command that compiles or installs."""
+    return any(a in _BUILD_COMMANDS for a in argv)
+
+
+def _no_extension(reason: str):
+    """The pure-Python plan, or the build's failure under BADM_FAST_REQUIRE_EXTENSION=1."""
+    if _env_flag("BADM_FAST_REQUIRE_EXTENSION"):
+        raise SystemExit(f"setup.py: BADM_FAST_REQUIRE_EXTENSION=1 but badm_fast._C cannot be built: {reason}")
+    _notice(f"{reason}: pure-Python install, badm_fast._C is not built")
+    return [], {"build_py": build_py}
+
+
 def _extensions():
     """The ext_modules list and the build_ext command class (empty for a pure-Python install)."""
+    if not _builds(sys.argv[1:]):
+        return [], {"build_py": build_py}
     if _env_flag("BADM_FAST_NO_EXTENSION"):
         _notice("BADM_FAST_NO_EXTENSION=1: pure-Python install, badm_fast._C is not built")
         return [], {"build_py": build_py}
     cxx = _find_cxx()
     if cxx is None:
-        _notice("no C++ compiler found (set CXX): pure-Python install, badm_fast._C is not built")
-        return [], {"build_py": build_py}
+        return _no_extension("no C++ compiler found (set CXX)")
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError as err:
-        raise SystemExit(
-            "setup.py: torch must be installed before badm_fast, and the install run with "
-            "`pip install --no-build-isolation ...` so that the extension is compiled against it "
-            f"({err}). For a pure-Python install set BADM_FAST_NO_EXTENSION=1."
-        ) from err
+        return _no_extension(
+            f"torch cannot be imported by the build ({err}; pip's build isolation hides the installed torch: "
+            "install torch first, then `pip install --no-build-isolation --use-pep517 ...`)"
+        )
 
     sources = _cpu_sources()
     define_macros = []
@@ -210,34 +237,14 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     return packages + kernels, {f"{NAME}.kernels": "kernels"}
 
 
-def _long_description() -> str:
-    path = os.path.join(ROOT, "README.md")
-    if not os.path.exists(path):
-        return ""
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
 ext_modules, cmdclass = _extensions()
 packages, package_dir = _packages()
 
+# Everything else (name, version, description, dependencies, extras, the badm-train script,
+# package data) is declared in pyproject.toml.
 setup(
-    name=NAME,
-    version=VERSION,
-    description="BADM (batch ADMM) optimizer for PyTorch with fused C++, CUDA and Triton kernels",
-    long_description=_long_description(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
     packages=packages,
     package_dir=package_dir,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4,<2.15", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.2,<3.10"],
-        "train": ["scikit-learn", "matplotlib", "tqdm", "networkx"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
-    },
-    entry_points={"console_scripts": ["badm-train = badm_fast.train:main"]},
-    zip_safe=False,
 )

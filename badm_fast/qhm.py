@@ -22,7 +22,7 @@ class QHM(Optimizer):
     with a dampened buffer. With constant sub-batch weights, BADM with penalty
     :math:`\sigma` and proximal coefficient :math:`\rho > 0` follows the same trajectory as
     QHM with ``lr = 1/sigma``, ``beta = rho/(rho+sigma)`` and ``nu = 1 - sigma/rho``
-    (see ALGORITHM.md), which needs ``nu < 0`` when ``rho < sigma``; any finite ``nu`` is
+    (see docs/algorithm.md), which needs ``nu < 0`` when ``rho < sigma``; any finite ``nu`` is
     therefore accepted, the paper's recommended range being ``[0, 1]``.
 
     Args:

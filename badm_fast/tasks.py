@@ -92,6 +92,12 @@ class Task(abc.ABC):
     metric = "metric"
     higher_is_better = True
     defaults = dict(_COMMON_DEFAULTS)
+    #: where the data come from (the start-up line of ``badm-train``)
+    source = ""
+    #: what the training loss measures and in which unit (axis labels)
+    loss_unit = "nats"
+    #: modules beyond torch and numpy that :meth:`load` and :meth:`build_model` import
+    requires: tuple[str, ...] = ()
 
     def __init__(self, seed: int = 0, subset: int | None = None, device: str | torch.device = "cpu"):
         if subset is not None and subset < 1:
@@ -106,6 +112,11 @@ class Task(abc.ABC):
         self.train_targets = tr_y.to(self.device)
         self.test_inputs = te_x.to(self.device)
         self.test_targets = te_y.to(self.device)
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raises :class:`DatasetMissingError` when data that must be installed separately are
+        missing (cheap: nothing is loaded). The default: everything ships with the dependencies."""
 
     # -- to implement per task -------------------------------------------------------------
     @abc.abstractmethod
@@ -136,6 +147,8 @@ class Task(abc.ABC):
             higher_is_better=self.higher_is_better,
             n_train=int(self.n_train),
             n_test=int(self.test_inputs.shape[0]),
+            source=self.source,
+            loss_unit=self.loss_unit,
         )
 
     def _split(self, n: int, test_fraction: float):
@@ -181,6 +194,7 @@ class SmallCNN(nn.Module):
 class _ClassificationTask(Task):
     metric = "test_accuracy"
     higher_is_better = True
+    loss_unit = "cross-entropy, nats"
 
     def loss_fn(self, output, target):
         return F.cross_entropy(output, target)
@@ -194,9 +208,11 @@ class DigitsTask(_ClassificationTask):
     """scikit-learn's 1797 handwritten digits (8x8, 16 grey levels); 20% held out by seed."""
 
     name = "digits"
+    source = "scikit-learn's load_digits (1797 8x8 images, 20% held out)"
+    requires = ("sklearn",)
     # rho, sigma: bench/sweep_badm.md, digits table (15 epochs, seeds 0 and 1): sigma=2, mu=0.5 gave
     # 0.9847 final test accuracy (sigma=5: 0.9833, sigma=10: 0.9763; sigma=1 needs mu=0.9). rho = sigma
-    # makes BADM's global step exactly SGD with lr 1/sigma (ALGORITHM.md).
+    # makes BADM's global step exactly SGD with lr 1/sigma (docs/algorithm.md).
     defaults = dict(_COMMON_DEFAULTS, epochs=30, batch_size=32, badm_rho=2.0, badm_sigma=2.0)
 
     def load(self):
@@ -236,14 +252,25 @@ def load_fashion_mnist(root: str | os.PathLike | None = None):
     Returns ``(train_images, train_labels, test_images, test_labels)`` as uint8 arrays.
     Raises :class:`DatasetMissingError` naming the package when the files are missing.
     """
-    root = Path(root if root is not None else os.environ.get("BADM_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    names = [
-        "train-images-idx3-ubyte.gz",
-        "train-labels-idx1-ubyte.gz",
-        "t10k-images-idx3-ubyte.gz",
-        "t10k-labels-idx1-ubyte.gz",
-    ]
-    missing = [n for n in names if not (root / n).is_file()]
+    root = _fashion_mnist_root(root)
+    _check_fashion_mnist(root)
+    return tuple(read_idx(root / n) for n in _FASHION_MNIST_FILES)
+
+
+_FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def _fashion_mnist_root(root: str | os.PathLike | None = None) -> Path:
+    return Path(root if root is not None else os.environ.get("BADM_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+
+
+def _check_fashion_mnist(root: Path) -> None:
+    missing = [n for n in _FASHION_MNIST_FILES if not (root / n).is_file()]
     if missing:
         raise DatasetMissingError(
             f"Fashion-MNIST not found: {', '.join(str(root / n) for n in missing)} missing. "
@@ -251,17 +278,21 @@ def load_fashion_mnist(root: str | os.PathLike | None = None):
             "`sudo apt-get install dataset-fashion-mnist` (or set BADM_FASHION_MNIST_DIR to a folder "
             "holding the four *-ubyte.gz files). Nothing is downloaded at run time."
         )
-    return tuple(read_idx(root / n) for n in names)
 
 
 class FashionMNISTTask(_ClassificationTask):
     """Fashion-MNIST (60000 train / 10000 test 28x28 images), Debian's copy."""
 
     name = "fashion-mnist"
+    source = "Debian's dataset-fashion-mnist (60000 + 10000 28x28 images)"
     # rho, sigma: bench/sweep_badm.md, fashion-mnist table (6000 images, 2 epochs): sigma=1, mu=0.9
     # gave 0.7860 (sigma=2: 0.7525, sigma=0.5 did not learn).
     defaults = dict(_COMMON_DEFAULTS, epochs=3, batch_size=64, badm_rho=9.0, badm_sigma=1.0)
     root = None  # None: $BADM_FASHION_MNIST_DIR or FASHION_MNIST_DIR
+
+    @classmethod
+    def check_available(cls) -> None:
+        _check_fashion_mnist(_fashion_mnist_root(cls.root))
 
     def load(self):
         tr_x, tr_y, te_x, te_y = (a[: self.subset] for a in load_fashion_mnist(self.root))
@@ -306,6 +337,8 @@ class CharLMTask(Task):
     name = "charlm"
     metric = "test_bpc"
     higher_is_better = False
+    source = "Python's pydoc_data.topics text (64-character windows)"
+    loss_unit = "cross-entropy, nats per character"
     context = 64
     # rho, sigma: bench/sweep_badm.md, charlm table (3000 windows, 2 epochs): sigma=0.1, mu=0.9 gave
     # 2.43 bits/char (sigma=0.2: 2.64, sigma=0.5: 2.97); mu=0.5 is far worse at sigma <= 0.2.
@@ -404,6 +437,8 @@ class GraphTask(_ClassificationTask):
     """
 
     name = "graph"
+    source = "networkx's karate club graph (34 nodes, 8 labelled)"
+    requires = ("networkx",)
     train_per_class = 4
     defaults = dict(
         _COMMON_DEFAULTS,
@@ -492,6 +527,9 @@ class GenerateTask(Task):
     name = "generate"
     metric = "test_neg_elbo"
     higher_is_better = False
+    source = "scikit-learn's load_digits (1797 8x8 images, 20% held out)"
+    loss_unit = "negative ELBO, nats per image"
+    requires = ("sklearn",)
     # rho, sigma: bench/sweep_badm.md, generate table (10 epochs): sigma=5, mu=0.9 gave 24.67 nats
     # (sigma=10: 24.92, sigma=2: 25.17).
     defaults = dict(_COMMON_DEFAULTS, epochs=20, batch_size=32, sgd_lr=0.01, qhm_lr=0.1, badm_rho=45.0, badm_sigma=5.0)

@@ -3,8 +3,16 @@
 Every optimizer starts from the same initial weights and sees the same data in the same
 order (one seeded permutation per epoch, identical for all). Results go to ``--out``
 (default ``runs/<task>``): ``results.json`` (config, versions, per-epoch train loss, test
-metric and cumulative training time per optimizer), ``curves.png`` and, for ``--task
-generate``, ``samples.png``. A summary table is printed at the end.
+metric and cumulative training time per optimizer), ``curves.png``, ``summary.md`` (the
+summary table, also printed at the end) and, for ``--task generate``, ``samples.png``.
+
+Arguments that cannot work are refused before anything is loaded, trained or created: one
+line ``badm-train: error: ...`` on stderr and exit status 2 (a non-finite or out-of-range
+hyperparameter, an unknown or unavailable BADM back end, a device this machine does not have,
+an ``--out`` that cannot be written, a missing optional dependency or data set). Ctrl-C stops
+the job with one line naming the last checkpoint and the ``--resume`` command, exit status 130.
+Progress goes to stderr: a bar (epoch, step, loss, last test metric, phase) on a terminal,
+one line per epoch otherwise.
 
 Examples::
 
@@ -26,12 +34,16 @@ uninterrupted run, which also go to ``OUT/final-<optimizer>.pt``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib
 import json
 import math
 import os
 import platform
+import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +53,17 @@ import torch.distributed as _dist
 from badm_fast import checkpoint as _checkpoint
 from badm_fast import tasks as _tasks
 
-__all__ = ["OPTIMIZERS", "build_parser", "main", "make_optimizer", "train_epoch", "epoch_batches", "atomic_open"]
+__all__ = [
+    "OPTIMIZERS",
+    "Progress",
+    "atomic_open",
+    "build_parser",
+    "default_threads",
+    "epoch_batches",
+    "main",
+    "make_optimizer",
+    "train_epoch",
+]
 
 OPTIMIZERS = ("badm", "sgd", "adam", "adamw", "qhm")
 DEFAULT_OPTIMIZERS = "badm,sgd,adam"
@@ -59,6 +81,26 @@ _HYPERPARAMETERS = {
     "badm_rho": ("badm", "rho"),
     "badm_sigma": ("badm", "sigma"),
 }
+
+# CLI flag (dest) -> (lowest, highest (excluded), lowest included, help); every value must also be finite
+_LIMITS = {
+    "sgd_lr": (0.0, math.inf, False, "SGD's learning rate, > 0"),
+    "sgd_momentum": (0.0, 1.0, True, "SGD's momentum (no dampening), in [0, 1)"),
+    "adam_lr": (0.0, math.inf, False, "Adam's learning rate, > 0"),
+    "adamw_lr": (0.0, math.inf, False, "AdamW's learning rate, > 0"),
+    "adamw_weight_decay": (0.0, math.inf, True, "AdamW's decoupled weight decay, >= 0"),
+    "qhm_lr": (0.0, math.inf, False, "QHM's learning rate, > 0"),
+    "qhm_beta": (0.0, 1.0, True, "QHM's momentum decay beta, in [0, 1)"),
+    "qhm_nu": (-math.inf, math.inf, True, "QHM's immediate discount nu, any finite value (1 - sigma/rho is BADM)"),
+    "badm_rho": (0.0, math.inf, True, "BADM's proximal coefficient rho >= 0 (momentum mu = rho/(rho+sigma))"),
+    "badm_sigma": (0.0, math.inf, False, "BADM's penalty sigma > 0 (lr = 1/(rho+sigma); steady step 1/sigma)"),
+}
+
+# modules of the optional [train] extra -> their pip names; the task adds what it loads
+_TRAIN_MODULES = ("tqdm", "matplotlib")
+_PIP_NAMES = {"sklearn": "scikit-learn"}
+_INSTALL_TRAIN = 'pip install "badm_fast[train]"'
+_VIRTUAL_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,15 +246,126 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progress: bool, checkpoints=None):
+class Progress:
+    """What one optimizer's run reports while it trains, on ``file`` (stderr by default).
+
+    ``mode``: ``"bar"`` (a tqdm bar: optimizer, epoch, step in the epoch, last loss, last test
+    metric and phase — training, evaluating or saving), ``"lines"`` (one line per finished
+    epoch, for logs and pipes) or ``"off"``. :func:`train_epoch` drives it like a tqdm bar
+    (``update``, ``set_postfix``); :func:`run_optimizer` adds the epochs and phases.
+    """
+
+    PHASES = ("training", "evaluating", "saving")  # and "done" once closed
+
+    def __init__(self, mode: str, name: str, epochs: int, total_steps: int, initial: int, metric: str, file=None):
+        if mode not in ("bar", "lines", "off"):
+            raise ValueError(f"progress mode must be 'bar', 'lines' or 'off', got {mode!r}")
+        self.mode, self.name, self.epochs, self.metric = mode, name, epochs, metric
+        self.file = file if file is not None else sys.stderr
+        self.epoch, self.step, self.steps_in_epoch = 0, 0, 0
+        self.loss: float | None = None
+        self.value: float | None = None
+        self.current = "training"
+        self._bar = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total_steps, initial=initial, desc=f"{name:>5}", file=self.file, dynamic_ncols=True, leave=True
+            )
+
+    # -- the tqdm-like interface of train_epoch ---------------------------------------------
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def set_postfix(self, loss=None, refresh: bool = True, **_) -> None:
+        if loss is not None:
+            self.loss = float(loss)
+        self._render(refresh)
+
+    # -- epochs and phases ---------------------------------------------------------------------
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
+        """Epoch ``epoch`` of ``steps`` steps begins (``done`` of them taken before a resume)."""
+        self.epoch, self.steps_in_epoch, self.step = epoch, steps, done
+        self.phase("training")
+
+    def phase(self, what: str) -> None:
+        if what not in self.PHASES:
+            raise ValueError(f"unknown phase {what!r}")
+        self.current = what
+        self._render(True)
+
+    def evaluated(self, value: float) -> None:
+        self.value = float(value)
+        self._render(True)
+
+    def end_epoch(self, epoch: int, loss: float, value: float, time_s: float) -> None:
+        self.loss, self.value = float(loss), float(value)
+        if self.mode == "lines":
+            print(
+                f"badm-train: {self.name} epoch {epoch}/{self.epochs}: train loss {loss:.4f}, "
+                f"{self.metric} {value:.4f}, {time_s:.1f} s of training",
+                file=self.file,
+                flush=True,
+            )
+        self._render(True)
+
+    def postfix(self) -> dict:
+        """The fields the bar shows after the counter, in order."""
+        fields = {"epoch": f"{self.epoch}/{self.epochs}", "step": f"{self.step}/{self.steps_in_epoch}"}
+        fields["loss"] = "-" if self.loss is None else f"{self.loss:.4f}"
+        fields[self.metric] = "-" if self.value is None else f"{self.value:.4f}"
+        fields["phase"] = self.current
+        return fields
+
+    def _render(self, refresh: bool) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(self.postfix(), refresh=refresh)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self.current = "done"
+            self._render(True)
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextlib.contextmanager
+def _saving_shown(ckpt, progress: Progress):
+    """Shows the phase "saving" on ``progress`` while ``ckpt`` writes a checkpoint."""
+    save = ckpt.save
+
+    def shown(*a, **k):
+        before = progress.current
+        progress.phase("saving")
+        try:
+            return save(*a, **k)
+        finally:
+            progress.phase(before)
+
+    ckpt.save = shown
+    try:
+        yield
+    finally:
+        del ckpt.save  # the method of the class again
+
+
+def run_optimizer(task, name: str, hp: dict, args, init_state: dict, progress: str = "off", checkpoints=None):
     """Trains a fresh copy of the task's model (weights ``init_state``) with optimizer ``name``.
 
     Returns ``(record, model)``: the per-epoch record of ``results.json`` and the trained model.
-    ``checkpoints`` (a :class:`badm_fast.checkpoint.Checkpointer`, optional) saves the run as it
-    goes and, under ``--resume``, continues it from its checkpoint.
+    ``progress``: ``"bar"``, ``"lines"`` or ``"off"`` (see :class:`Progress`). ``checkpoints`` (a
+    :class:`badm_fast.checkpoint.Checkpointer`, optional) saves the run as it goes and, under
+    ``--resume``, continues it from its checkpoint.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(args.seed)
     model = task.build_model().to(task.device)
     model.load_state_dict(init_state)
@@ -224,15 +377,6 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     torch.manual_seed(args.seed + 1)  # dropout and sampling noise: the same stream for every optimizer
 
-    # checkpoints: under --resume the model, optimizer and RNG states are loaded in place and the
-    # run state (epoch, step, results so far) comes from the checkpoint
-    ckpt = (checkpoints or _checkpoint.NO_CHECKPOINTS).begin(name, hp, model, opt, task.device)
-    state = ckpt.restore()
-    if state is None:
-        model.eval()
-        with torch.no_grad():
-            initial = task.evaluate(model)
-        state = ckpt.fresh(dict(hyperparameters=dict(hp), initial_metric=initial, epochs=[]))
     schedules = [
         epoch_batches(task.n_train, args.batch_size, args.seed, e, args.max_steps_per_epoch)
         for e in range(1, args.epochs + 1)
@@ -242,14 +386,28 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
         schedules = [[b.tensor_split(args.world_size)[args.rank] for b in bs if len(b) >= least] for bs in schedules]
     total_steps = sum(len(b) for b in schedules)
     reduce = _mean_over_ranks if args.distributed else None
-    record = state.record
-    # wall-clock and process CPU seconds of training (evaluation and checkpoint writes excluded)
-    elapsed, cpu = state.time_s, state.cpu_s
-    bar_args = dict(total=total_steps, initial=state.steps, desc=f"{name:>5}", disable=not show_progress)
-    with tqdm(**bar_args, dynamic_ncols=True, leave=True) as bar:
+
+    # checkpoints: under --resume the model, optimizer and RNG states are loaded in place and the
+    # run state (epoch, step, results so far) comes from the checkpoint
+    ckpt = (checkpoints or _checkpoint.NO_CHECKPOINTS).begin(name, hp, model, opt, task.device)
+    state = ckpt.restore()
+    initial_steps = state.steps if state is not None else 0
+    bar = Progress(progress, name, args.epochs, total_steps, initial_steps, task.metric)
+    with bar, _saving_shown(ckpt, bar):
+        if state is None:
+            bar.phase("evaluating")
+            model.eval()
+            with torch.no_grad():
+                initial = task.evaluate(model)
+            bar.evaluated(initial)
+            state = ckpt.fresh(dict(hyperparameters=dict(hp), initial_metric=initial, epochs=[]))
+        record = state.record
+        # wall-clock and process CPU seconds of training (evaluation and checkpoint writes excluded)
+        elapsed, cpu = state.time_s, state.cpu_s
         for epoch, batches in enumerate(schedules, start=1):
             if state.finished or epoch < state.epoch:
                 continue  # trained before the resume
+            bar.start_epoch(epoch, len(batches), state.step)
             batches = batches[state.step :]  # a resumed epoch: the steps not yet taken
             data = ((task.train_inputs[b.to(task.device)], task.train_targets[b.to(task.device)]) for b in batches)
             _sync(task.device)
@@ -264,13 +422,14 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, show_progre
             _sync(task.device)
             elapsed += time.perf_counter() - t0 - ckpt.saving_wall
             cpu += time.process_time() - c0 - ckpt.saving_cpu
+            bar.phase("evaluating")
             model.eval()
             with torch.no_grad():
                 value = task.evaluate(model)
             record["epochs"].append(dict(epoch=epoch, train_loss=loss, test_metric=value, time_s=elapsed, cpu_s=cpu))
             ckpt.end_epoch(elapsed, cpu)
-            bar.set_postfix(loss=f"{loss:.4f}", **{task.metric: f"{value:.4f}"})
-    ckpt.finish(elapsed, cpu)
+            bar.end_epoch(epoch, loss, value, elapsed)  # after the epoch's checkpoint: what it reports is saved
+        ckpt.finish(elapsed, cpu)
     values = [e["test_metric"] for e in record["epochs"]]
     best = (max(values) if task.higher_is_better else min(values)) if values else None
     record.setdefault("diverged", False)
@@ -314,28 +473,94 @@ def _mean_over_ranks(loss: float, n: int) -> tuple[float, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help without breaking words at hyphens (``fashion-mnist``, ``--max-steps-per-epoch``)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    """``badm-train``'s parser: a refused command line is one line on stderr and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())  # one line, whatever the message holds
+        self.exit(2, f"{self.prog}: error: {text}\n")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _per_task(dest: str) -> str:
+    """A flag's default in every task: ``digits 0.05, charlm 0.5, ...`` or ``0.9 in every task``."""
+    values = {name: cls.defaults[dest] for name, cls in _tasks.TASKS.items()}
+    if len(set(values.values())) == 1:
+        return f"{next(iter(values.values())):g} in every task"
+    return ", ".join(f"{name} {value:g}" for name, value in values.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    tasks = ", ".join(f"{name}: {cls.source}" for name, cls in _tasks.TASKS.items())
+    p = _Parser(
         prog="badm-train",
         description="Train a real model with BADM and with SGD/Adam/AdamW/QHM from the same initial weights "
-        "on the same data order; write results.json, curves.png and print a summary.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "on the same data order; write results.json, curves.png and summary.md into --out and print the summary.",
+        epilog=f"Data (all offline): {tasks}. Fashion-MNIST needs `apt-get install dataset-fashion-mnist`; "
+        f"every task needs the [train] extra (scikit-learn, matplotlib, tqdm, networkx): {_INSTALL_TRAIN}. "
+        "Exit status: 0 done, 2 refused arguments, "
+        "130 interrupted (Ctrl-C; the job prints the --resume command).",
     )
-    p.add_argument("--task", choices=list(_tasks.TASKS), default="digits", help="what to train")
-    p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS, help=f"comma-separated list from {','.join(OPTIMIZERS)}")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: per task)")
+    p.add_argument("--task", choices=list(_tasks.TASKS), default="digits", help="what to train (default: digits)")
     p.add_argument(
-        "--batch-size", type=int, default=None, help="examples per step (default: per task; 0 = the whole training set)"
+        "--optimizers",
+        default=DEFAULT_OPTIMIZERS,
+        help=f"comma-separated list from {','.join(OPTIMIZERS)} (default: {DEFAULT_OPTIMIZERS})",
     )
-    p.add_argument("--sub-batches", type=int, default=4, help="BADM sub-batches S per batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the data order")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {_per_task('epochs')})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"examples per step, 0 = the whole training set (default: {_per_task('batch_size')})",
+    )
+    p.add_argument("--sub-batches", type=int, default=4, help="BADM sub-batches S per batch (default: 4)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, the initial weights and the data order (default: 0)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: half the cores, at least 1: on a machine shared with other jobs this "
+        "was faster than torch's all cores, see README 'Threads')",
+    )
     p.add_argument("--out", default=None, help="output directory (default: runs/<task>)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out directory")
-    p.add_argument("--subset", type=int, default=None, help="use at most N training and N test examples")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap the optimizer steps of an epoch")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-optimizer lines")
+    p.add_argument("--subset", type=int, default=None, help="use at most N training and N test examples (default: all)")
+    p.add_argument(
+        "--max-steps-per-epoch", type=int, default=None, help="cap the optimizer steps of an epoch (default: no cap)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output (neither the bar nor per-epoch lines)")
     p.add_argument(
         "--distributed",
         action="store_true",
@@ -343,24 +568,27 @@ def build_parser() -> argparse.ArgumentParser:
         "is split across the ranks, BADM aggregates the sub-batches of all ranks (--sub-batches per rank), the "
         "other optimizers run under DistributedDataParallel; rank 0 writes the outputs",
     )
-    g = p.add_argument_group("hyperparameters (default: per task, see badm_fast/tasks.py)")
-    g.add_argument("--sgd-lr", type=float)
-    g.add_argument("--sgd-momentum", type=float)
-    g.add_argument("--adam-lr", type=float)
-    g.add_argument("--adamw-lr", type=float)
-    g.add_argument("--adamw-weight-decay", type=float)
-    g.add_argument("--qhm-lr", type=float)
-    g.add_argument("--qhm-beta", type=float)
-    g.add_argument("--qhm-nu", type=float)
-    g.add_argument("--badm-rho", type=float, help="proximal coefficient rho >= 0 (about sigma*mu/(1-mu))")
-    g.add_argument("--badm-sigma", type=float, help="penalty sigma > 0 (about 1/learning rate)")
-    g.add_argument("--badm-backend", default="auto", help="BADM kernel back end (auto, cpp, torch, ...)")
+    g = p.add_argument_group(
+        "hyperparameters", "every value must be finite; unset, each takes its task's default (badm_fast/tasks.py)"
+    )
+    for dest, (_, _, _, what) in _LIMITS.items():
+        g.add_argument(
+            "--" + dest.replace("_", "-"), type=_finite_float, metavar="X", help=f"{what} (default: {_per_task(dest)})"
+        )
+    from badm_fast.backends import BACKENDS
+
+    g.add_argument(
+        "--badm-backend",
+        default="auto",
+        choices=("auto", *BACKENDS),
+        help="BADM kernel back end; auto: cpp on CPU, triton or cuda on GPUs, else torch (default: auto)",
+    )
     g.add_argument(
         "--badm-mode",
         default="sub_batch",
         choices=["sub_batch", "merged"],
         help="sub_batch: a backward pass per sub-batch (the paper); merged: one backward pass, "
-        "one dual buffer (the same trajectory for equal sub-batch weights)",
+        "one dual buffer (the same trajectory for equal sub-batch weights) (default: sub_batch)",
     )
     _checkpoint.add_arguments(p)  # --checkpoint-every, --resume
     return p
@@ -401,17 +629,84 @@ def _resolve(args, parser, task_cls) -> dict:
         if value is None:
             value = defaults[dest]
             setattr(args, dest, value)
+        low, high, closed, _ = _LIMITS[dest]
+        flag = "--" + dest.replace("_", "-")
+        if not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number, got {value}")
+        if value < low or (value == low and not closed):
+            parser.error(f"{flag} must be {'>=' if closed else '>'} {low:g}, got {value:g}")
+        if value >= high:
+            parser.error(f"{flag} must be < {high:g}, got {value:g}")
         if opt_name in hps:
             hps[opt_name][key] = value
-    if "badm" in hps:
-        if hps["badm"]["sigma"] <= 0:
-            parser.error(f"--badm-sigma must be > 0, got {hps['badm']['sigma']}")
-        if hps["badm"]["rho"] < 0:
-            parser.error(f"--badm-rho must be >= 0, got {hps['badm']['rho']}")
     return hps
 
 
+def _check_dependencies(task_cls, parser) -> None:
+    """Refuses to start when a module of the [train] extra that this job needs is missing."""
+    missing = []
+    for module in (*task_cls.requires, *_TRAIN_MODULES):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(_PIP_NAMES.get(module, module))
+    if missing:
+        parser.error(
+            f"--task {task_cls.name} needs {', '.join(missing)}, which cannot be imported; install the training "
+            f"extra: {_INSTALL_TRAIN}"
+        )
+
+
+def _check_device(text: str, parser) -> torch.device:
+    """The ``--device``, refused when this machine does not have it."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"--device {text!r} is not a torch device ({str(e).splitlines()[0]})")
+    where = f"--device {text}"
+    if device.type == "meta":
+        parser.error(f"{where}: meta tensors hold no data, nothing can train on them")
+    if device.type == "cuda":
+        if torch.version.cuda is None and not getattr(torch.version, "hip", None):
+            parser.error(f"{where}: this torch {torch.__version__} is a CPU-only build (no CUDA)")
+        count = torch.cuda.device_count()
+        if count == 0:
+            parser.error(f"{where}: no CUDA device is visible (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= count:
+            parser.error(f"{where}: there are {count} CUDA device(s), 0..{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"{where}: MPS (Apple GPU) is not available on this machine")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # noqa: BLE001  (whatever the device's back end raises)
+            parser.error(f"{where}: not available here ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    return device
+
+
+def _check_backend(name: str, device: torch.device, parser) -> None:
+    """Refuses a BADM back end that cannot run on ``device`` (BADM_FAST_BACKEND included for auto)."""
+    from badm_fast import backends
+
+    try:
+        backends.resolve(name, device.type)
+    except (ValueError, backends.BackendUnavailable) as e:
+        parser.error(f"--badm-backend {name}: {e}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _check_out_dir(out: Path, overwrite: bool, parser) -> None:
+    """Refuses an ``--out`` that is not a writable directory (or cannot become one) before anything is created."""
+    absolute = Path(os.path.abspath(out))
+    real = Path(os.path.realpath(absolute))
+    for root in _VIRTUAL_FILESYSTEMS:
+        if any(p == Path(root) or Path(root) in p.parents for p in (absolute, real)):
+            parser.error(f"--out {out}: {root} is a virtual file system of the kernel, not a place for results")
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -419,6 +714,25 @@ def _check_out_dir(out: Path, overwrite: bool, parser) -> None:
             f"output directory {out} already exists and is not empty; pass --overwrite to replace "
             f"its files, or choose another directory with --out"
         )
+    base = _nearest_existing(absolute)
+    if not base.is_dir():
+        parser.error(f"--out {out}: {base} is a file, so the directory cannot be created")
+    try:  # the only reliable test: create (and remove) a file where the first write will go
+        fd, probe = tempfile.mkstemp(prefix=".badm-train-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        parser.error(f"--out {out}: cannot write in {base} ({reason}); choose another directory with --out")
+
+
+def default_threads() -> int:
+    """torch threads of a job without ``--threads``: half the cores this process may use, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def _format_table(results: dict) -> str:
@@ -442,28 +756,84 @@ def _format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _threads(n: int) -> str:
+    return f"{n} torch thread" + ("" if n == 1 else "s")
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues this job from its checkpoints."""
+    args = [a for a in argv if a != "--resume"]
+    return shlex.join(["badm-train", *args, "--resume"])
+
+
+def _interrupted(where: dict, args, out: Path, argv: list[str]) -> str:
+    """The one line of a job stopped by Ctrl-C: where it stood, its last checkpoint, how to resume."""
+    name = where.get("name")
+    if name is None:
+        return "badm-train: interrupted before training started; nothing was trained or saved"
+    every = getattr(args, "checkpoint_every", None)
+    if every == 0:
+        return (
+            f"badm-train: interrupted while training {name}; no checkpoints were written (--checkpoint-every 0), "
+            "so nothing can be resumed: run the command again"
+        )
+    path = out / _checkpoint.CHECKPOINT_DIR / f"{name}.pt"
+    if path.is_file():
+        saved = f"its last checkpoint is {path}"
+    else:
+        when = "the end of the first epoch" if every is None else f"step {every}"
+        saved = f"{name} has no checkpoint yet (the first is written at {when}; --resume starts it over)"
+    return f"badm-train: interrupted while training {name}; {saved}; resume with: {_resume_command(argv)}"
+
+
 def main(argv=None) -> int:
-    """Entry point of ``badm-train`` and ``python -m badm_fast.train``; returns the exit status."""
+    """Entry point of ``badm-train`` and ``python -m badm_fast.train``; returns the exit status
+    (0; 130 after Ctrl-C). Refused arguments exit with status 2 (``SystemExit``) before anything
+    is loaded or written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     task_cls = _tasks.TASKS[args.task]
     hps = _resolve(args, parser, task_cls)
+    _check_dependencies(task_cls, parser)
+    try:
+        task_cls.check_available()
+    except _tasks.DatasetMissingError as e:
+        parser.error(str(e))
+    device = _check_device(args.device, parser)
+    if "badm" in args.optimizer_list:
+        _check_backend(args.badm_backend, device, parser)
     args.rank, args.world_size = 0, 1
-    if args.distributed:
-        _init_distributed(args, parser)
-    lead = args.rank == 0  # the rank that writes and prints
+    lead = not args.distributed or os.environ.get("RANK", "0") == "0"  # the process that writes
     out = Path(args.out if args.out is not None else Path("runs") / args.task)
     if lead:
         _check_out_dir(out, args.overwrite or args.resume, parser)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads is None:
+        args.threads = default_threads()
+    torch.set_num_threads(args.threads)
+    where: dict = {}
     try:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error("--device cuda: this torch build sees no CUDA device")
-    except RuntimeError as e:
-        parser.error(f"--device {args.device!r}: {e}")
+        return _run(args, parser, argv, task_cls, hps, out, where)
+    except KeyboardInterrupt:
+        if lead:
+            print(_interrupted(where, args, out, argv), file=sys.stderr, flush=True)
+        return 130
 
+
+def _run(args, parser, argv, task_cls, hps, out: Path, where: dict) -> int:
+    """The job after its arguments were checked; ``where["name"]``: the optimizer training now."""
+    if args.distributed:
+        _init_distributed(args, parser)
+    lead = args.rank == 0  # the rank that writes and prints
+    device = torch.device(args.device)
+    talk = lead and not args.quiet
+    if talk:
+        print(
+            f"badm-train: {args.task}: loading {task_cls.source} on {device} ({_threads(torch.get_num_threads())}) "
+            "...",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         task = task_cls(seed=args.seed, subset=args.subset, device=device)
     except _tasks.DatasetMissingError as e:
@@ -476,6 +846,13 @@ def main(argv=None) -> int:
         checkpoints = _checkpoint.Checkpointer(out, args, hps, write=lead)
     except _checkpoint.CheckpointError as e:
         parser.error(str(e))
+    if talk:
+        print(
+            f"badm-train: {args.task}: {task.n_train} training and {task.test_inputs.shape[0]} test examples; "
+            f"{', '.join(args.optimizer_list)} for {args.epochs} epochs each; writing {out}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     torch.manual_seed(args.seed)
     init_state = copy.deepcopy(task.build_model().state_dict())
@@ -488,10 +865,11 @@ def main(argv=None) -> int:
         metric=dict(name=task.metric, higher_is_better=task.higher_is_better),
         optimizers={},
     )
-    show_progress = lead and not args.quiet and sys.stderr.isatty()
+    progress = "off" if not talk else ("bar" if sys.stderr.isatty() else "lines")
     samples = {}
     for name in args.optimizer_list:
-        record, model = run_optimizer(task, name, hps[name], args, init_state, show_progress, checkpoints)
+        where["name"] = name
+        record, model = run_optimizer(task, name, hps[name], args, init_state, progress, checkpoints)
         results["optimizers"][name] = record
         if not lead:
             continue
@@ -504,14 +882,9 @@ def main(argv=None) -> int:
         elif hasattr(task, "samples"):
             model.eval()
             samples[name] = task.samples(model)
-        if not args.quiet and not show_progress and not record["diverged"]:
-            print(
-                f"{name}: train loss {record['final_train_loss']:.4f}, {task.metric} {record['final_metric']:.4f}, "
-                f"{record['time_s']:.1f} s",
-                file=sys.stderr,
-            )
         with atomic_open(out / "results.json", "w") as f:  # after every optimizer: a long run keeps its progress
             json.dump(results, f, indent=2)
+    where["name"] = None
     if args.distributed:
         # destroy_process_group is not collective: without the barrier a rank that finishes first
         # can tear down gloo's pairs while the other still drains its last collective, and that
@@ -528,8 +901,12 @@ def main(argv=None) -> int:
     if samples:
         with atomic_open(out / "samples.png", "wb") as f:
             plot_samples(samples, f, title=f"{args.task}: samples from the prior after {args.epochs} epochs")
-    print(_format_table(results))
-    print(f"wrote {out / 'results.json'}, {out / 'curves.png'}" + (f", {out / 'samples.png'}" if samples else ""))
+    table = _format_table(results)
+    with atomic_open(out / "summary.md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+    written = ["results.json", "curves.png", "summary.md"] + (["samples.png"] if samples else [])
+    print(f"wrote {', '.join(str(out / n) for n in written)}")
     return 0
 
 

@@ -18,7 +18,7 @@ inside BADM's step the payload all-reduce is timed where it runs (``torch.distri
 wrapped in this process), and separately an all-reduce of a tensor of the payload's size.
 Cases alternate in rounds; medians (p20-p80) over all timed iterations of rank 0.
 
-    python bench/bench_distributed.py               # writes bench/results/distributed.md
+    python bench/bench_distributed.py --out bench/results/distributed.md   # the report, also written there
     python bench/bench_distributed.py --quick       # a few iterations, prints only
 """
 
@@ -46,7 +46,6 @@ from torch import nn  # noqa: E402
 
 import badm_fast  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 
 
@@ -210,7 +209,7 @@ def _summary(result: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=2048, help="hidden width of the MLP (default 2048: 8.4M parameters)")
     p.add_argument("--batch", type=int, default=64, help="samples per rank and step")
@@ -219,10 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // WORLD), help="threads per process")
     p.add_argument("--quick", action="store_true", help="a few iterations; print, write nothing")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distributed.md"))
+    p.add_argument("--out", default=None, metavar="PATH", help="also write the markdown report here (default: none)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the workers are stopped")
     p.add_argument("--worker", nargs=3, metavar=("RANK", "PORT", "OUT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.steps, args.rounds, args.warmup = 3, 1, 1
     if args.worker:
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     print(text)
-    if not args.quick:
+    if args.out and not args.quick:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")

@@ -20,7 +20,7 @@ scaled by the same factor so that they add up to P; ``--sizes resnet50`` uses th
 shapes, 25,557,032 elements). The kernel, plain and compiled steps work on flat buffers by
 definition and run for the flat layout only.
 
-Bytes moved per step (ALGORITHM.md): BADM reads z, S gradient rows and S dual rows and writes
+Bytes moved per step (docs/algorithm.md): BADM reads z, S gradient rows and S dual rows and writes
 S dual rows and z: ``P * (2*isz + S*isz + 2*S*4)`` with ``isz`` the parameter dtype's item
 size and fp32 duals, i.e. (3S + 2) values per element. Adam moves 7 values per element (param
 read/write, grad read, exp_avg read/write, exp_avg_sq read/write), SGD with momentum 5, each
@@ -32,11 +32,13 @@ counted; capped at 2 GB moved, where the bandwidth has long reached its DRAM pla
 ``xadd_`` the same against the in-place stream ``x.add_(y)``; ``xplain`` = time of the plain
 PyTorch step / time (a speed-up); ``xcompiled`` = GB/s / GB/s of the compiled step.
 
-A markdown report goes to stdout (and to ``--md``); one CSV row per case is appended to
-``--csv`` (default bench/results/bench_step.csv) with the machine, versions, commit and date.
+A markdown report goes to stdout, and to a file only where asked: ``--md PATH`` writes it,
+``--csv PATH`` appends one row per case (with the machine, versions, commit and date); by
+default nothing is written.
 
-    python bench/bench_step.py --quick     # under a minute
+    python bench/bench_step.py --quick     # under a minute, prints only
     python bench/bench_step.py             # the full matrix (about 10 minutes on 2 CPU cores)
+    python bench/bench_step.py --threads 1 --md bench/results/cpu_step_1thread.md --csv bench/results/bench_step.csv
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ import badm_fast  # noqa: E402
 from badm_fast import backends, reference  # noqa: E402
 
 M = 1 << 20
-RESULTS = Path(__file__).resolve().parent / "results"
 RHO, SIGMA = 9.0, 10.0  # momentum 0.9 at learning rate 0.1; the values do not change the time
 GRAD_SCALE = 1e-3
 
@@ -742,9 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the plain PyTorch step above this many GB moved (default 1.5 on CPU)")
     ap.add_argument("--all", action="store_true", help="no limit on the plain step")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--csv", default=str(RESULTS / "bench_step.csv"), help="CSV to append rows to")
-    ap.add_argument("--no-csv", action="store_true")
-    ap.add_argument("--md", default=None, help="also write the markdown report to this file")
+    ap.add_argument("--csv", default=None, metavar="PATH", help="append one row per case to this CSV (default: none)")
+    ap.add_argument("--no-csv", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
+    ap.add_argument("--md", default=None, metavar="PATH", help="also write the markdown report to this file")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory table")
     return ap
 
@@ -805,7 +806,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(text)
-    if not args.no_csv:
+    if args.csv and not args.no_csv:
         path = bc.append_csv(args.csv, [dict(info, **r) for r in rows], CSV_FIELDS)
         print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
     return rows

@@ -17,8 +17,11 @@ Each loop runs a warm-up, then timed steps for about ``--target-s`` seconds (at 
 median ms per iteration (p20–p80), steps/s (timed steps over their total time), the median
 ``opt.step()`` time and the optimizer's share (total ``opt.step()`` time / total loop time).
 
+The markdown report goes to stdout; ``--md PATH`` also writes it to a file and ``--csv PATH``
+appends one row per loop to a CSV (by default nothing is written).
+
     python bench/bench_train.py --quick    # a few seconds per loop
-    python bench/bench_train.py            # the table of bench/results/cpu_train.md
+    python bench/bench_train.py --md bench/results/cpu_train.md --csv bench/results/bench_train.csv
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from torch import nn  # noqa: E402
 
 import badm_fast  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OPTIMIZERS = ("badm", "badm-merged", "sgd", "adam")
 MODELS = ("digits-cnn", "mlp")
 SUB_BATCHES = 4
@@ -265,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-steps", type=int, default=20)
     ap.add_argument("--backend", default="auto", help="BADM back end")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--csv", default=str(RESULTS / "bench_train.csv"))
-    ap.add_argument("--no-csv", action="store_true")
-    ap.add_argument("--md", default=None, help="also write the markdown report to this file")
+    ap.add_argument("--csv", default=None, metavar="PATH", help="append one row per loop to this CSV (default: none)")
+    ap.add_argument("--no-csv", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
+    ap.add_argument("--md", default=None, metavar="PATH", help="also write the markdown report to this file")
     return ap
 
 
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] | None = None
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(text)
-    if not args.no_csv:
+    if args.csv and not args.no_csv:
         path = bc.append_csv(args.csv, [dict(info, **r) for r in rows], CSV_FIELDS)
         log(f"appended {len(rows)} rows to {path}")
     return rows

@@ -1,6 +1,6 @@
 """One-shot GPU check of badm_fast: correctness of the GPU back ends and step time vs copy bandwidth.
 
-    python bench/gpu_check.py [--out results.csv] [--quick]
+    python bench/gpu_check.py [--out results.csv] [--quick]     # --out: also append the rows to a CSV
 
 Runs from a source checkout on one CUDA GPU (about 3-4 minutes on an H200; ``--quick`` about
 one) and needs torch with CUDA, triton, and for the ``cuda`` back end either an installed
@@ -30,7 +30,7 @@ element (param r/w, grad, exp_avg r/w, exp_avg_sq r/w); SGD with momentum 5 nomi
 higher and the GB/s shown is an effective rate). GB/s = bytes / median time; "of copy" is that
 rate over the measured copy bandwidth.
 
-Prints one markdown table and appends every row to the CSV with the machine, GPU, torch,
+Prints one markdown table and, with ``--out``, appends every row to that CSV with the machine, GPU, torch,
 triton and CUDA versions and the date. A back end that fails (missing, build error, wrong
 result, out of memory) is reported in the table and does not stop the others.
 """
@@ -62,8 +62,8 @@ def parse_args(argv=None):
     )
     ap.add_argument(
         "--out",
-        default=os.path.join(ROOT, "bench", "results", "gpu_check.csv"),
-        help="CSV file the rows are appended to (default: bench/results/gpu_check.csv)",
+        default=None,
+        help="CSV file the rows are appended to (default: none, the table is printed only)",
     )
     ap.add_argument("--quick", action="store_true", help="P = 16M only, S in {1, 4}, no 2**31 check, short sweep")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per case, median reported (>= 20; default 30)")
@@ -989,8 +989,10 @@ def main(argv=None):
     )
     print()
     print(report.markdown())
-    report.write_csv(args.out, meta)
-    print(f"\n{len(report.rows)} rows appended to {args.out}; total {time.perf_counter() - t_start:.0f} s")
+    if args.out:
+        report.write_csv(args.out, meta)
+        print(f"\n{len(report.rows)} rows appended to {args.out}")
+    print(f"total {time.perf_counter() - t_start:.0f} s")
     failed = [r for r in report.rows if r["kind"] == "check" and r["status"] not in ("ok",)]
     return 1 if failed else 0
 

@@ -1,11 +1,11 @@
 """A small sweep of BADM's (rho, sigma) with ``badm-train``; the defaults of the job come from it.
 
-sigma is about 1/learning rate and rho = sigma * mu / (1 - mu) for an SGD momentum mu
-(ALGORITHM.md, "Hyperparameters in familiar terms"), so the grid is sigma x mu:
+sigma = (1 - mu)/lr and rho = sigma * mu / (1 - mu) = mu/lr match SGD(lr, momentum mu) at steady state
+(docs/algorithm.md, "Correspondence with momentum SGD"), so the grid is sigma x mu:
 
-    python bench/sweep_badm.py                         # every task of SWEEPS, writes bench/sweep_badm.md
-    python bench/sweep_badm.py --tasks digits graph    # some of them
-    python bench/sweep_badm.py --tasks digits --sigmas 2 5 --momenta 0.9 --no-write
+    python bench/sweep_badm.py --out bench/sweep_badm.md   # every task of SWEEPS, the report written there
+    python bench/sweep_badm.py --tasks digits graph        # some of them, printed only
+    python bench/sweep_badm.py --tasks digits --sigmas 2 5 --momenta 0.9
 
 Each cell is one ``badm-train --optimizers badm`` run (same data, same initial weights as
 the job); the tables report the final test metric (mean over seeds) and the final training
@@ -131,15 +131,20 @@ def sweep_task(task: str, extra, sigmas, momenta, seeds, threads: int, log=sys.s
     return "\n".join(lines), best
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     p.add_argument("--sigmas", nargs="+", type=float, help="override the grid's sigmas")
     p.add_argument("--momenta", nargs="+", type=float, help="override the grid's momenta mu in [0, 1)")
     p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).with_name("sweep_badm.md")))
-    p.add_argument("--no-write", action="store_true", help="print the tables only")
+    p.add_argument("--out", default=None, metavar="PATH", help="also write the report here (default: print only)")
+    p.add_argument("--no-write", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.momenta and any(not 0.0 <= m < 1.0 for m in args.momenta):
         p.error("--momenta must be in [0, 1)")
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
         "",
     ]
     text = "\n".join(header + sections)
-    if not args.no_write:
+    if args.out and not args.no_write:
         with train.atomic_open(args.out, "w") as f:
             f.write(text)
         print(f"wrote {args.out}", file=sys.stderr)

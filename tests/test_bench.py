@@ -9,9 +9,11 @@ markdown they produce; nothing here asserts anything about speed. The benchmark 
 """
 
 import csv
+import importlib.util
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,9 +221,44 @@ def test_step_command_line_writes_csv_and_markdown(tmp_path, capsys):
 
 def test_step_command_line_rejects_unknown_choices():
     with pytest.raises(SystemExit):
-        bench_step.main(["--methods", "kernel,rmsprop", "--no-csv"])
+        bench_step.main(["--methods", "kernel,rmsprop"])
     with pytest.raises(SystemExit):
-        bench_step.main(["--sizes", "lots", "--no-csv"])
+        bench_step.main(["--sizes", "lots"])
+
+
+def _files_under(root) -> dict:
+    """path -> (size, mtime) of every file below ``root``."""
+    root = Path(root)
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if "__pycache__" not in p.parts}
+
+
+def test_benchmarks_write_only_where_asked(tmp_path, monkeypatch, capsys):
+    """Without --csv / --md / --out no script writes a file (in particular none into the tracked bench/results)."""
+    import bench_distributed
+    import gpu_check
+    import sweep_badm
+
+    def no_csv(*args, **kwargs):
+        raise AssertionError("append_csv called without --csv")
+
+    monkeypatch.setattr(common, "append_csv", no_csv)
+    monkeypatch.chdir(tmp_path)
+    results = Path(BENCH_DIR) / "results"
+    before = _files_under(tmp_path), _files_under(results)
+    argv = ["--sizes", "4K", "--sub-batches", "1", "--dtypes", "float32", "--layouts", "flat",
+            "--methods", "adam-fused", "--target-s", "0", "--min-reps", "2", "--no-memory"]  # fmt: skip
+    assert [r["status"] for r in bench_step.main(argv)] == ["ok"]
+    assert "| dtype | P | S | method |" in capsys.readouterr().out
+    if importlib.util.find_spec("sklearn") is not None:
+        argv = ["--models", "digits-cnn", "--optimizers", "sgd", "--target-s", "0", "--min-steps", "2"]
+        assert [r["status"] for r in bench_train.main(argv, log=lambda s: None)] == ["ok"]
+    assert (_files_under(tmp_path), _files_under(results)) == before
+    # the defaults of the scripts that run for minutes or need a GPU
+    assert bench_step.build_parser().parse_args([]).csv is None
+    assert bench_train.build_parser().parse_args([]).csv is None
+    assert bench_distributed.build_parser().parse_args([]).out is None
+    assert sweep_badm.build_parser().parse_args([]).out is None
+    assert gpu_check.parse_args([]).out is None
 
 
 def test_train_loop_rows(tmp_path, capsys):

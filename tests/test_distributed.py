@@ -485,7 +485,7 @@ def test_training_job_runs_distributed(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoints", "curves.png", "final-badm.pt", "final-sgd.pt", "results.json"
+        "checkpoints", "curves.png", "final-badm.pt", "final-sgd.pt", "results.json", "summary.md"
     ], "rank 0 alone writes the outputs"
     assert done.stdout.count("| badm |") == 1, "only rank 0 prints the summary"
     res = json.loads((out / "results.json").read_text())

@@ -76,7 +76,7 @@ def test_optimizer_follows_the_paper_form(backend, S):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_qhm_oracle_tracks_the_optimizer(backend):
-    """BADM(S=4, constant equal weights) is QHM on the full-batch gradient (ALGORITHM.md)."""
+    """BADM(S=4, constant equal weights) is QHM on the full-batch gradient (docs/algorithm.md)."""
     rho, sigma, S = 9.0, 10.0, 4
     model, oracle = _model(), _model()
     opt = badm_fast.BADM(model.parameters(), sub_batches=S, rho=rho, sigma=sigma, backend=backend)

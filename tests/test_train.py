@@ -79,7 +79,7 @@ def test_smoke_every_task(task, tmp_path, capsys):
 
 def test_same_weights_and_data_order_badm_tracks_its_qhm(tmp_path):
     # With equal sub-batch weights BADM(rho, sigma) is QHM(1/sigma, rho/(rho+sigma), 1 - sigma/rho)
-    # (ALGORITHM.md). The job gives both the same initial weights and the same batches, so
+    # (docs/algorithm.md). The job gives both the same initial weights and the same batches, so
     # their training losses must agree to rounding; a different init or order would not.
     sigma, rho = 4.0, 12.0
     out, res = run_job(
