@@ -53,6 +53,14 @@ def check_hyper(lr: Any, momentum: Any, weight_decay: Any = 0.0) -> tuple[float,
     return lr_f, mu_f, wd_f
 
 
+def _scale_to_norm(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale ``grads`` in place so that their total norm is at most ``max_norm`` (the rule of
+    torch.nn.utils.clip_grad_norm_: factor ``max_norm / (norm + 1e-6)`` capped at 1)."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(device=g.device, dtype=g.dtype))
+
+
 def _check_maximize(value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid maximize: {value!r} (True or False)")
@@ -665,7 +673,7 @@ class BADM(Optimizer):
             if not grads:
                 return torch.zeros(1)
             norm = torch.nn.utils.get_total_norm(grads, norm_type)
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=None)
+            _scale_to_norm(grads, max_norm, norm)
             return norm.reshape(1)
         self._sync_grads()
         self._prepare_rows()
@@ -676,7 +684,7 @@ class BADM(Optimizer):
                 norms.append(torch.zeros((), dtype=torch.float32))
                 continue
             norm = torch.nn.utils.get_total_norm(rows, norm_type)
-            torch.nn.utils.clip_grads_with_norm_(rows, max_norm, norm, foreach=None)
+            _scale_to_norm(rows, max_norm, norm)
             norms.append(norm.to(rows[0].device))
         return torch.stack([n.to(norms[0].device) for n in norms])
 
