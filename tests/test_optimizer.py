@@ -820,3 +820,60 @@ def test_a_dropped_optimizer_is_freed():
     opt2 = badm_fast.BADM(model.parameters(), sub_batches=2, rho=1.0, sigma=4.0)
     badm_fast.split_step(model, opt2, F.cross_entropy, x, y)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- the parameters stay the user's tensors
+
+
+def test_safetensors_save_and_load_of_a_model_optimised_by_badm(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = _model(dtype=torch.float32)
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=2.0, sigma=3.0)
+    _train_float(model, opt)
+    path = str(tmp_path / "model.safetensors")
+    safetensors_torch.save_model(model, path)
+    twin = _model(seed=5, dtype=torch.float32)
+    missing, unexpected = safetensors_torch.load_model(twin, path)
+    assert not missing and not unexpected
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def _train_float(model, opt, steps=2):
+    for t in range(steps):
+        x, y = _data(n=20, seed=t, dtype=torch.float32)
+        badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+
+
+def test_a_submodule_state_dict_is_the_size_of_its_parameters():
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 4))
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2)
+    x = torch.randn(8, 256)
+    for s in range(2):
+        with opt.sub_batch(s):
+            model(x[4 * s : 4 * s + 4]).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(model[-1].state_dict(), buf)
+    head_bytes = sum(p.numel() * p.element_size() for p in model[-1].parameters())
+    assert head_bytes <= buf.tell() < head_bytes + 2048  # the head's 4 KB plus the file's framing, not the model
+
+
+def test_a_parameter_frozen_at_construction_and_unfrozen_later_is_trained():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=2.0, sigma=3.0)
+    assert model[0].weight not in opt.state  # no state for a frozen parameter
+    x, y = _data()
+    badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+    frozen = model[0].weight.detach().clone()
+    model[0].weight.requires_grad_(True)  # gradual unfreezing
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()  # the full batch's gradient: the size-weighted sub-batch mean
+    badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+    lr = opt.param_groups[0]["lr"]
+    # its first step, from zero duals: z' = z - 2 lr g
+    torch.testing.assert_close(model[0].weight.detach(), frozen - 2 * lr * ref[0].weight.grad, rtol=1e-12, atol=1e-14)
+    assert opt.state[model[0].weight]["duals"].abs().sum() > 0
+    badm_fast.split_step(model, opt, F.cross_entropy, x, y)
+    assert not torch.equal(model[0].weight, frozen)
