@@ -293,6 +293,19 @@ def test_items_are_independent():
         assert same_bits(single["params"][i], both["params"][i])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_many_rows_and_strided_weights(dtype):
+    """More rows than the kernel gathers on its stack (64), and weights that are a strided view."""
+    case = make_case([(33,), (70,), (5,)], 70, dtype, seed=40, residuals=True)
+    check_parity(OP, case)
+    case = make_case([(4097,), (3,)], 3, dtype, seed=41, residuals=True)
+    wide = torch.zeros(6, dtype=case["weights"].dtype)
+    wide[::2] = case["weights"]
+    case["weights"] = wide[::2]
+    assert case["weights"].stride() == (2,)
+    check_parity(OP, case)
+
+
 def test_calls_from_python_threads():
     """Concurrent calls from Python threads (each on its own tensors) give the same bits as the
     same calls made one after another (the op releases the GIL while it runs and takes it back
