@@ -13,12 +13,24 @@
 namespace badm_fast::cpu {
 
 // Elements per work item: a tensor is cut into chunks of kChunk elements, each chunk one work
-// item of at::parallel_for and one residual partial sum. fp32 with R = 4 moves about 900 KiB
-// per chunk.
+// item of at::parallel_for and one residual partial sum (fp32 with R = 4 moves about 900 KiB
+// per chunk). Measured with bench/bench_cpp_op.py --chunk-sweep (fused_step_ext with residuals,
+// R = 4, fp32, Xeon with AVX-512, a shared 2-core VM at load average 7-14): on one thread,
+// chunks of 4K/8K/16K/32K/64K are within noise of each other (64K elements: 59-62 us; 256K:
+// 230-266 us; 1000 tensors of 256: 1.24-1.46 ms); on two threads that machine gave no usable
+// numbers (most two-thread cases stalled for 8-16 ms per call, at every chunk size, as torch's
+// own add_ did at the time). 16K gives a tensor of 64K elements four items, enough to split between
+// threads, and keeps the per-item cost (pointer set-up, residual partials) negligible.
+#if defined(BADM_FAST_CPU_CHUNK)  // the builds of bench/bench_cpp_op.py --chunk-sweep
+constexpr int64_t kChunk = BADM_FAST_CPU_CHUNK;
+#else
 constexpr int64_t kChunk = 16384;
+#endif
 
 // A call whose total work (elements plus kItemCost per item) is at most kSerialWork runs on
-// the calling thread: waking a second thread costs more than it saves below this size.
+// the calling thread, without waking another. Measured on the machine above at a quieter
+// moment (one fp32 tensor, R = 1): 32K elements took 7.5 us on one thread and 8.2 us on two,
+// 64K elements 13.1 us and 10.8 us.
 constexpr int64_t kSerialWork = 32768;
 
 // Fixed cost of one work item in element equivalents (pointer set-up, loop entry and exit), so

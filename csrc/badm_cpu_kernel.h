@@ -223,14 +223,16 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
     }
   }
   if constexpr (kResiduals) {
-    double prim_sum = 0.0;
-    double dual_sum = 0.0;
-    for (int64_t l = 0; l < kStep; ++l) {
-      prim_sum += lane_prim[l];
-      dual_sum += lane_dual[l];
+    // The lanes summed pairwise in a fixed tree (vectorisable, a short dependency chain).
+    static_assert((kStep & (kStep - 1)) == 0, "a power-of-two number of lanes");
+    for (int64_t width = kStep / 2; width >= 1; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) {
+        lane_prim[l] += lane_prim[l + width];
+        lane_dual[l] += lane_dual[l + width];
+      }
     }
-    res[0] = prim_sum + tail_prim;
-    res[1] = dual_sum + tail_dual;
+    res[0] = lane_prim[0] + tail_prim;
+    res[1] = lane_dual[0] + tail_dual;
   }
 }
 

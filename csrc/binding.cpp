@@ -211,13 +211,14 @@ const at::Tensor* stack_opt(const c10::IValue& v) {
   return v.isTensor() && v.toTensor().defined() ? &v.toTensor() : nullptr;
 }
 
-// Pops the n arguments of a call. Each pop releases a reference to every tensor of the lists;
-// for a tensor that has a Python object, torch takes the GIL in such a release (the last C++
-// reference keeps the Python object alive: c10::TensorImpl::decref_pyobject). A call from Python
-// runs with the GIL released, so the pops run under one acquisition of the GIL instead of
-// one per tensor.
+// Pops the n arguments of a call. Each pop releases a reference to every tensor of the lists,
+// and for a tensor that has a Python object torch takes the GIL in that release (while C++
+// holds references, the tensor keeps its Python object alive: c10::TensorImpl::decref_pyobject).
+// A call from Python runs with the GIL released, so on a Python thread that does not hold the
+// GIL the pops run under one acquisition of it instead of one per tensor. Other threads (no
+// Python thread state) pop as torch would.
 void pop_arguments(torch::jit::Stack& stack, size_t n) {
-  if (Py_IsInitialized() && !PyGILState_Check()) {
+  if (Py_IsInitialized() && PyGILState_GetThisThreadState() != nullptr && !PyGILState_Check()) {
     const PyGILState_STATE gil = PyGILState_Ensure();
     torch::jit::drop(stack, n);
     PyGILState_Release(gil);

@@ -293,6 +293,51 @@ def test_items_are_independent():
         assert same_bits(single["params"][i], both["params"][i])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_many_rows_and_strided_weights(dtype):
+    """More rows than the kernel gathers on its stack (64), and weights that are a strided view."""
+    case = make_case([(33,), (70,), (5,)], 70, dtype, seed=40, residuals=True)
+    check_parity(OP, case)
+    case = make_case([(4097,), (3,)], 3, dtype, seed=41, residuals=True)
+    wide = torch.zeros(6, dtype=case["weights"].dtype)
+    wide[::2] = case["weights"]
+    case["weights"] = wide[::2]
+    assert case["weights"].stride() == (2,)
+    check_parity(OP, case)
+
+
+def test_calls_from_python_threads():
+    """Concurrent calls from Python threads (each on its own tensors) give the same bits as the
+    same calls made one after another (the op releases the GIL while it runs and takes it back
+    to drop its references to the arguments)."""
+    import threading
+
+    cases = [make_case([(4097,), (33,), (20000,)], 2, torch.float32, seed=30 + j, residuals=True) for j in range(4)]
+    got = [clone_case(c) for c in cases]
+    errors = []
+
+    def work(c):
+        try:
+            for _ in range(5):
+                call(OP, c)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for c, g in zip(cases, got):
+        want = clone_case(c)
+        for _ in range(5):
+            call(OP, want)
+        for a, b in zip(g["params"] + g["duals"], want["params"] + want["duals"]):
+            assert same_bits(a, b)
+        assert same_bits(g["residuals"], want["residuals"])
+
+
 def test_schemas():
     assert str(OP.default._schema) == (
         "badm_fast::fused_step_ext(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] duals, Tensor weights, "
