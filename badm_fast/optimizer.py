@@ -881,6 +881,15 @@ class BADM(Optimizer):
         if self._step_count == 0 or not self._native:  # compiled back ends check the layout themselves
             self._revalidate()
         layout = self._buckets()
+        for bufs in layout:
+            for b in bufs:
+                if b.dtensor or b.complex:  # views of the parameters' current local tensors
+                    b.locals = [kernel_view(p) for p in b.params]
+                t = b.locals[0]
+                if t.dtype != b.dtype or t.device != b.device:  # a model cast or moved since the layout was made
+                    self._layout = None
+                    self._revalidate()
+                    return self._prepare()
         if self._rows > 1:
             self._sync_grads()
             self._prepare_rows()
