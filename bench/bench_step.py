@@ -170,8 +170,9 @@ def torch_optimizer_bytes(opt: torch.optim.Optimizer) -> int:
 
 def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int, int]:
     """Measured memory of an optimizer over its parameters: ``(state, grads, params)`` bytes,
-    each counted once per underlying storage (BADM's per-parameter duals and gradient rows are
-    views of flat buffers: the whole buffer is counted, padding and all S rows included)."""
+    each counted once per underlying storage: the ``.grad`` tensors, and for BADM with several
+    sub-batches its gradient rows (``(S, *shape)`` per parameter, counted whole). During a
+    backward pass autograd's fresh ``.grad`` of the running sub-batch adds one gradient more."""
 
     def storages(tensors):
         seen = {}
@@ -183,6 +184,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int, int]:
     params = [p for g in opt.param_groups for p in g["params"]]
     state = [t for p in params for t in opt.state.get(p, {}).values() if isinstance(t, torch.Tensor)]
     grads = [p.grad for p in params if p.grad is not None]
+    if isinstance(opt, badm_fast.BADM) and opt.mode == "sub_batch" and opt.sub_batches > 1:
+        grads += [g for g in (opt.sub_batch_grad(p, 0) for p in params) if g is not None]
     return storages(state), storages(grads), storages(params)
 
 
@@ -208,19 +211,10 @@ class Prepared:
 
 
 def release_badm(opt: badm_fast.BADM) -> None:
-    """Let a BADM optimizer and its buffers be freed once unreferenced.
-
-    Its gradient hooks on the parameters close over the optimizer: a reference cycle through
-    autograd's hook storage that the garbage collector cannot see, so without this every BADM
-    (4M fp32 parameters, S = 4: 144 MB of buffers) stays in memory for the life of the
-    process. Removing the hooks breaks the cycle.
-    """
-    release = getattr(opt, "_release", None)
-    if callable(release):
-        release()
-    else:
-        for handle in getattr(opt, "_hook_handles", []):
-            handle.remove()
+    """Drop the optimizer's state now (its duals and gradient rows), before the next case allocates."""
+    opt.state.clear()
+    opt._records.clear()
+    opt._layout = None
 
 
 def _params(shapes, dtype, device, seed=0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
