@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import importlib
 import json
 import math
@@ -45,6 +46,7 @@ import shlex
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -455,8 +457,41 @@ def _init_distributed(args, parser) -> None:
     if cuda:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(args.device))
+    # Before the group exists: the functions of torch.distributed.nn.functional take
+    # ``group=group.WORLD`` as a default argument, evaluated when the module is imported. Imported
+    # later (DistributedDataParallel's constructor imports it, through torch.distributed._shard),
+    # those defaults hold the live WORLD group for the life of the process and destroy_process_group
+    # can no longer free it (see _shutdown_distributed).
+    importlib.import_module("torch.distributed.nn")
     _dist.init_process_group("nccl" if cuda else "gloo")
     args.rank, args.world_size = _dist.get_rank(), _dist.get_world_size()
+
+
+def _shutdown_distributed() -> None:
+    """Ends the job's process group so that its backend is gone before the interpreter finalizes.
+
+    gloo runs collectives on worker threads, and a worker lets go of a finished collective (with the
+    tensors it read and wrote) only after the caller's ``wait()`` has returned. When Python has
+    freed such a tensor in the meantime, the tensor owns its Python object and letting go of it takes
+    the GIL. A worker asking for the GIL while the interpreter finalizes is ended by CPython from
+    inside a C++ destructor, which is ``noexcept``: std::terminate ("terminate called without an
+    active exception"), SIGABRT, and the rank exits non-zero although the job finished. The backend
+    joins its workers (with the GIL released) when the last reference to the group goes away, so
+    destroying the group while nothing else holds it (see _init_distributed) leaves no such thread
+    alive at exit. The barrier first: every rank has finished its last collective before any rank
+    closes its connections.
+    """
+    world = weakref.ref(_dist.group.WORLD)
+    _dist.barrier()
+    _dist.destroy_process_group()
+    if world() is not None:
+        gc.collect()  # a reference cycle (e.g. an optimizer holding the group) is freed here
+    if world() is not None:
+        print(
+            f"badm-train: warning: rank {os.environ.get('RANK', '?')}: the process group is still referenced after "
+            "destroy_process_group; its worker threads may abort this process at exit",
+            file=sys.stderr,
+        )
 
 
 def _mean_over_ranks(loss: float, n: int) -> tuple[float, int]:
@@ -886,11 +921,7 @@ def _run(args, parser, argv, task_cls, hps, out: Path, where: dict) -> int:
             json.dump(results, f, indent=2)
     where["name"] = None
     if args.distributed:
-        # destroy_process_group is not collective: without the barrier a rank that finishes first
-        # can tear down gloo's pairs while the other still drains its last collective, and that
-        # rank then aborts ("terminate called without an active exception").
-        _dist.barrier()
-        _dist.destroy_process_group()
+        _shutdown_distributed()
     if not lead:
         return 0
 
