@@ -177,8 +177,9 @@ class BADM(Optimizer):
             weights that differ from the first step's.
         on_nonfinite (str, optional): what a NaN or infinite gradient does: ``"raise"`` (default)
             refuses the step and raises a RuntimeError naming the parameter and sub-batch (on CUDA
-            the step is refused on the device and the error is raised by the next ``step()``,
-            ``zero_grad()`` or ``state_dict()``, so no step synchronises with the host); ``"skip"``
+            the step is refused on the device and the error is raised by a later ``step()``,
+            ``zero_grad()`` or ``sub_batch()`` once the device has finished that step, or by
+            ``state_dict()``, which waits for it: no step waits for the device); ``"skip"``
             refuses the step and counts it in :attr:`skipped_steps`. Weights and duals stay exactly
             as they were. ``"ignore"`` does no check.
         process_group (ProcessGroup, optional): run distributed: every rank of the group holds the
@@ -805,20 +806,26 @@ class BADM(Optimizer):
         self._device_alpha.copy_(torch.where(invalid, self._device_alpha, w / torch.where(invalid, 1.0, total)))
         return invalid
 
-    def _report_pending(self) -> None:
-        """Raise for a step refused on the device with on_nonfinite="raise" (reported here, at the
-        next host-side call, so that the step itself never waited for the device)."""
+    def _report_pending(self, wait: bool = False) -> None:
+        """Raise for a step refused on the device with on_nonfinite="raise" (reported at a later
+        host-side call, so that no step waits for the device): a refusal whose step has finished on
+        the device is raised now; one still running stays pending (``wait=True`` waits for it)."""
         if not self._pending:
             return
-        pending, self._pending = self._pending, []
-        for event, host_flag, where in pending:
+        still = []
+        for event, host_flag, where in self._pending:
+            if event is not None and not wait and not event.query() and len(self._pending) <= 8:
+                still.append((event, host_flag, where))
+                continue
             if event is not None:
                 event.synchronize()
             if float(host_flag[0]) != 0:
+                self._pending = []
                 raise RuntimeError(
-                    f"the previous step was refused: a non-finite gradient {where}; weights and duals are "
-                    "unchanged (BADM(..., on_nonfinite='skip') skips such steps without raising)"
+                    f"an earlier step was refused: a non-finite gradient {where}; weights and duals are "
+                    "unchanged by it (BADM(..., on_nonfinite='skip') skips such steps without raising)"
                 )
+        self._pending = still
 
     def _locate_nonfinite(self) -> str:
         for b in self._all_buckets():
@@ -1118,7 +1125,7 @@ class BADM(Optimizer):
         """torch.optim-compatible state (its hooks run in torch's order): per-parameter ``duals``
         under the parameter's index, the param groups (lr/momentum, and rho/sigma beside them),
         ``param_names`` where the groups have names, and BADM's metadata under ``"badm"`` (versioned)."""
-        self._report_pending()
+        self._report_pending(wait=True)
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         index: dict[int, int] = {}

@@ -12,8 +12,11 @@ import csv
 import importlib.util
 import math
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +30,7 @@ if BENCH_DIR not in sys.path:
 import bench_step  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
+import gpu_check  # noqa: E402
 
 CPP_OK, CPP_REASON, _ = backends.availability("cpp", "cpu")
 needs_cpp = pytest.mark.skipif(not CPP_OK, reason=f"cpp back end unavailable: {CPP_REASON}")
@@ -280,6 +284,311 @@ def test_train_loop_rows(tmp_path, capsys):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert [r["optimizer"] for r in rows] == ["badm-merged", "sgd"]
+
+
+# ------------------------------------------------------------------------------- gpu_check (runs on CPU here)
+
+
+def _gpu_check_ctx(budget=None):
+    """A gpu_check Context on CPU, as --cpu-smoke makes it (no back end set up)."""
+    args = gpu_check.parse_args(["--cpu-smoke"])
+    plan = gpu_check.make_plan(args, torch)
+    report = gpu_check.Report(time.perf_counter(), echo=lambda line: None)
+    ctx = gpu_check.Context(torch, plan, report, args.budget if budget is None else budget, args)
+    ctx.badm_fast, ctx.kernels_pkg = gpu_check.import_project()
+    ctx.reference = ctx.badm_fast.reference
+    return ctx
+
+
+def test_gpu_check_arguments_and_plans():
+    args = gpu_check.parse_args([])
+    assert (args.out, args.quick, args.cpu_smoke) == (None, False, False)
+    assert (args.reps, args.warmup, args.budget) == (20, 3, 420)
+    assert gpu_check.parse_args(["--quick"]).budget == 200
+    full, quick = gpu_check.make_plan(args, torch), gpu_check.make_plan(gpu_check.parse_args(["--quick"]), torch)
+    assert full.sizes == [16 << 20, 256 << 20] and full.subs == [1, 4, 8] and full.n_list == 161 and full.large_check
+    assert set(full.dtypes) == {torch.float32, torch.float64, torch.bfloat16, torch.float16}
+    assert quick.sizes == [16 << 20] and not quick.large_check
+    for plan in (full, quick, gpu_check.make_plan(gpu_check.parse_args(["--cpu-smoke"]), torch)):
+        names = {f[0] for f in gpu_check.FLAG_CASES}
+        for name, sizes, offset, pad, skip, flags, dtypes in plan.parity_layouts:
+            assert flags is None or set(flags) <= names, name
+            assert all(i < len(sizes) for i in skip)
+    # parity covers aligned and odd sizes, unaligned starts and padded rows, one tensor and many
+    layouts = full.parity_layouts
+    assert any(len(s) == 1 and s[0] % 16 == 0 for _, s, *_ in layouts)
+    assert any(len(s) == 1 and s[0] % 2 == 1 for _, s, *_ in layouts)
+    assert any(off and pad for _, _, off, pad, *_ in layouts) and any(len(s) == 161 for _, s, *_ in layouts)
+    assert [16 << 20] in [s for _, s, *_ in layouts]  # the timing size itself
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--reps", "0"])
+
+
+def test_gpu_check_sizes_and_bytes():
+    assert len(gpu_check.resnet50_numels()) == 161 and sum(gpu_check.resnet50_numels()) == 25_557_032
+    for P in (3000, 1 << 20, 256 << 20):
+        sizes = gpu_check.list_sizes(P)
+        assert len(sizes) == 161 and sum(sizes) == P and min(sizes) >= 1
+    odd = gpu_check.odd_sizes(gpu_check.list_sizes(1 << 20))
+    assert odd[1] == 0 and all(n % 2 == 1 for k, n in enumerate(odd) if k != 1)
+    assert gpu_check.badm_bytes(torch, 10, 4, torch.float32) == (3 * 4 + 2) * 10 * 4
+    assert gpu_check.badm_bytes(torch, 10, 1, torch.float64) == 5 * 10 * 8
+    assert gpu_check.badm_bytes(torch, 10, 2, torch.bfloat16) == 10 * (2 * 2 + 2 * 2 + 2 * 2 * 4)
+
+
+def test_gpu_check_extension_build_plan():
+    sources = [os.path.relpath(s, gpu_check.ROOT) for s in gpu_check.extension_sources()]
+    assert sources[:2] == [os.path.join("csrc", "binding.cpp"), os.path.join("csrc", "badm_cpu_default.cpp")]
+    root = Path(gpu_check.ROOT)
+    expected = {"csrc/binding.cpp", "csrc/cuda/binding_cuda.cpp"}
+    expected |= {str(p.relative_to(root)) for p in root.glob("csrc/badm_cpu_*.cpp")}
+    expected |= {str(p.relative_to(root)) for p in root.glob("csrc/cuda/*.cu")}
+    assert set(sources) == expected and len(sources) == len(set(sources))
+    cpu_only = gpu_check.extension_sources(with_cuda=False)
+    assert not any("cuda" in os.path.relpath(s, gpu_check.ROOT) for s in cpu_only)
+    flags = gpu_check.extension_flags()
+    assert {"-O3", "-ffp-contract=off"} <= set(flags["extra_cflags"])
+    assert flags["extra_cuda_cflags"] == ["-O3", "--fmad=false"]
+    assert not any(f.startswith("-std") for v in flags.values() for f in v)  # torch adds its own
+
+
+def test_gpu_check_probe_of_the_installed_extension():
+    ok, why = gpu_check.probe_installed_extension()
+    assert not ok  # no CUDA here: either the CPU-only build ("NOCUDA ...") or no extension ("NOIMPORT ...")
+    assert why.startswith("NOCUDA ") == CPP_OK or why.startswith("NOIMPORT")
+
+
+def test_gpu_check_bit_comparison():
+    a = torch.tensor([1.0, -0.0, float("nan"), 2.0])
+    b = torch.tensor([1.0, 0.0, float("nan"), 2.0])
+    assert gpu_check.bit_mismatches(torch, a, b) == 1  # -0.0 is not 0.0
+    payload = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
+    assert gpu_check.bit_mismatches(torch, torch.tensor([float("nan")]), payload) == 0  # any NaN equals any NaN
+    for dt, ints in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16), (torch.float64, torch.int64)):
+        x = torch.arange(5, dtype=dt)
+        y = x.clone()
+        y.view(ints)[3] += 1  # one ulp
+        assert gpu_check.bit_mismatches(torch, x, y) == 1
+
+
+def test_gpu_check_parity_finds_wrong_bits_stray_writes_and_residuals():
+    ctx = _gpu_check_ctx()
+    base = gpu_check.parity_inputs(ctx, [7, 0, 33], 2, torch.float32, seed=1, offset=1, row_pad=3, skip=(2,))
+    assert base.grads[2] is None and base.grads[5] is None and base.params[1].numel() == 0
+    assert base.params[0].data_ptr() % 16 != 0 and torch.isnan(base.buffers[0][0])  # unaligned, poisoned before
+    assert torch.isnan(base.buffers[0][8:]).all()  # and after
+    g0 = base.grads[0]
+    assert g0.storage_offset() == 1 and base.grads[3].storage_offset() == 1 + 7 + 3  # row 1 after 3 poisoned
+    ref = ctx.reference.fused_step_
+    flags = next(f for f in gpu_check.FLAG_CASES if f[0] == "flag+residuals")
+    want, res_want = gpu_check.run_contract(ctx, ref, base, flags)
+    got, res_got = gpu_check.run_contract(ctx, ref, base, flags)
+    assert gpu_check.compare_inputs(torch, got, want, res_got, res_want) is None
+    assert not torch.equal(want.params[0], base.params[0])  # the step ran on a copy
+    assert torch.equal(res_want.new_tensor([0.25, 0.5]) <= res_want, torch.tensor([True, True]))
+
+    def one_ulp(params, grads, duals, *rest):
+        ref(params, grads, duals, *rest)
+        params[2].view(torch.int32)[4] += 1
+
+    def stray(params, grads, duals, *rest):
+        ref(params, grads, duals, *rest)
+        d = duals[0]
+        d.as_strided((1,), (1,), d.storage_offset() + d.numel()).fill_(0.0)  # into the padding between rows
+
+    def residual_off(params, grads, duals, weights, hyper, residuals, *rest):
+        ref(params, grads, duals, weights, hyper, residuals, *rest)
+        residuals.mul_(1 + 1e-7)
+
+    for broken, message in [(one_ulp, "1 elements differ"), (stray, "1 elements differ"), (residual_off, "residuals")]:
+        got, res_got = gpu_check.run_contract(ctx, broken, base, flags)
+        assert message in gpu_check.compare_inputs(torch, got, want, res_got, res_want)
+
+
+def test_gpu_check_parity_rows(monkeypatch):
+    ctx = _gpu_check_ctx()
+    ctx.plan.parity_layouts = [("tiny", [5, 17], 1, 3, (1,), ("plain", "skipped"), [torch.float32, torch.float16])]
+    ctx.plan.subs = [1, 2]
+
+    def broken(params, grads, duals, *rest):
+        ctx.reference.fused_step_(params, grads, duals, *rest)
+        duals[-1][0] = 7.0  # even when found_inf says nothing may change
+
+    ctx.kernels = {"triton": ctx.reference.fused_step_, "cpp": broken}
+    gpu_check.check_parity(ctx)
+    rows = {(r["backend"], r["dtype"]): r for r in ctx.report.section("parity")}
+    assert set(rows) == {(b, d) for b in ("triton", "cpp") for d in ("float32", "float16")}
+    for d in ("float32", "float16"):
+        assert rows[("triton", d)]["status"] == "ok" and rows[("triton", d)]["cases"] == 4
+        assert rows[("cpp", d)]["status"] == "FAIL" and "S=1 plain: 1 elements differ" in rows[("cpp", d)]["note"]
+    assert len(ctx.report.failures()) == 2
+    late = _gpu_check_ctx(budget=0.0)  # over budget: the rows say so
+    late.plan.parity_layouts = ctx.plan.parity_layouts
+    late.kernels = {"triton": ctx.reference.fused_step_}
+    gpu_check.check_parity(late)
+    assert {r["status"] for r in late.report.section("parity")} == {"skipped"}
+    assert all(late.over_budget(phase) for phase in gpu_check.PHASE_SHARE)
+
+
+def test_gpu_check_large_step_windows():
+    ctx = _gpu_check_ctx()
+
+    def off_at_the_boundary(params, grads, duals, *rest):
+        ctx.reference.fused_step_(params, grads, duals, *rest)
+        params[0][4096] = 0.0
+
+    ctx.kernels = {"triton": ctx.reference.fused_step_, "cpp": off_at_the_boundary}
+    gpu_check.check_large(ctx, P=10_000, boundary=4096, W=256)
+    rows = {r["backend"]: r for r in ctx.report.section("check")}
+    assert rows["triton"]["status"] == "ok" and rows["triton"]["check"] == "P = 10000, windows"
+    assert rows["cpp"]["status"] == "FAIL" and rows["cpp"]["note"].startswith("1 elements differ")
+
+
+CUOBJDUMP_SAMPLE = """
+Fatbin elf code:
+================
+arch = sm_90
+code version = [1,7]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _ZN9badm_fast4cuda12_GLOBAL__N_117fused_step_kernelIfLb1EEEvNS0_11StepScalarsENS0_9StepTableE:
+  REG:40 STACK:0 SHARED:256 LOCAL:0 CONSTANT[0]:3040 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z12check_kernelv:REG:24 STACK:8 SHARED:0 LOCAL:16 CONSTANT[0]:900 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin ptx code:
+================
+arch = sm_90
+"""
+
+PTXAS_SAMPLE = """
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90'
+ptxas info    : Function properties for _Z6kernelPf
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 4096 bytes smem, 400 bytes cmem[0]
+ptxas info    : Function properties for _Z6helperv
+    64 bytes stack frame, 64 bytes spill stores, 64 bytes spill loads
+ptxas info    : Compiling entry function '_Z5otherv' for 'sm_90'
+ptxas info    : Function properties for _Z5otherv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, 384 bytes cmem[0]
+"""
+
+
+def test_gpu_check_parses_cuobjdump_and_ptxas():
+    rows = gpu_check.parse_cuobjdump(CUOBJDUMP_SAMPLE)
+    assert [(r["arch"], r["regs"], r["stack"], r["shared"], r["local"]) for r in rows] == [
+        ("sm_90", 40, 0, 256, 0), ("sm_90", 24, 8, 0, 16)]  # fmt: skip
+    assert rows[1]["kernel"] == "_Z12check_kernelv"
+    names = gpu_check.demangle([rows[0]["kernel"], "_Z12check_kernelv"])
+    if shutil_which("c++filt"):
+        assert names[rows[0]["kernel"]] == "fused_step_kernel<float, true>"
+        assert names["_Z12check_kernelv"] == "check_kernel"
+    rows = gpu_check.parse_ptxas(PTXAS_SAMPLE)
+    assert [(r["kernel"], r["regs"], r["stack"], r["spill_stores"], r["spill_loads"], r["shared"]) for r in rows] == [
+        ("_Z6kernelPf", 255, 16, 8, 12, 4096), ("_Z5otherv", 32, 0, 0, 0, 0)]  # fmt: skip
+
+
+def shutil_which(name):
+    import shutil
+
+    return shutil.which(name)
+
+
+def test_gpu_check_reads_triton_compiled_kernels():
+    class Compiled:
+        def __init__(self, regs, spills, constants, aligned):
+            self.n_regs, self.n_spills = regs, spills
+            self.metadata = SimpleNamespace(num_warps=8, shared=4096, target=SimpleNamespace(arch=90))
+            self.src = SimpleNamespace(signature={"tab_ptr": "*i64", "z_like_ptr": "*bf16", "R": "i32"},
+                                       constants=constants, attrs={(1,): [["tt.divisibility", 16]]} if aligned else {})
+
+    arg_names = ["tab_ptr", "z_like_ptr", "R", "HAS_RESIDUALS", "BLOCK"]
+    kernels = {"a": Compiled(40, 0, {(3,): True, (4,): 2048}, True),
+               "b": Compiled(64, 2, {(3,): False, (2,): 1}, False)}
+    step = SimpleNamespace(__name__="_badm_step_kernel", arg_names=arg_names,
+                           device_caches={0: (kernels, {}, None, None, None)})  # triton 3.x layout
+    old = SimpleNamespace(__name__="_badm_copy_kernel", arg_names=[], cache={0: {"k": Compiled(16, 0, {}, False)}})
+    rows = gpu_check.triton_resource_rows(SimpleNamespace(_badm_step_kernel=step, _badm_copy_kernel=old))
+    assert [(r["regs"], r["spills"], r["arch"], r["shared"]) for r in rows] == [
+        (40, 0, "sm_90", 4096), (64, 2, "sm_90", 4096), (16, 0, "sm_90", 4096)]  # fmt: skip
+    assert rows[0]["kernel"] == "_badm_step_kernel[bf16 HAS_RESIDUALS=1 BLOCK=2048 z%16B warps=8]"
+    assert rows[1]["kernel"] == "_badm_step_kernel[bf16 HAS_RESIDUALS=0 R=1 warps=8]"
+
+
+def test_gpu_check_report_tables_and_files(tmp_path):
+    report = gpu_check.Report(time.perf_counter(), echo=lambda line: None)
+    report.log("hello")
+    report.add("parity", backend="triton", layout="1 tensor", dtype="float32", cases=3, note="a | b")
+    report.add("time", case="torch Adam(fused=True)", backend="torch", dtype="float32", P=1 << 24, tensors=1, S="",
+               ms=2.0, gbps=100.0)
+    report.add("time", case="BADM.step", backend="triton", dtype="float32", P=1 << 24, tensors=1, S=4, ms=4.0,
+               gbps=150.0, of_copy=0.5)
+    report.add("check", check="capture", backend="cuda", status="FAIL", note="differs")
+    gpu_check.add_ratios(report)
+    step = report.section("time")[1]
+    assert step["vs_adam"] == pytest.approx(1.5) and step["ms_vs_adam"] == pytest.approx(2.0)
+    md = report.markdown(["## title"])
+    assert "### Parity with reference.fused_step_ (bit for bit)" in md and "### Optimizer checks" in md
+    assert "| BADM.step | triton | float32 | 16M | 1 | 4 | 4.000 |  | 150 | 50% | 1.50 |" in md
+    assert "a \\| b" in md and "### Registers and spills" not in md  # empty sections are left out
+    assert [r["check"] for r in report.failures()] == ["capture"]
+    paths = report.write(str(tmp_path / "out"), {"gpu": "X"}, ["## title"])
+    assert [Path(p).name for p in paths] == list(gpu_check.OUT_FILES)
+    with open(paths[0]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["section"] for r in rows] == ["parity", "time", "time", "check"] and rows[0]["gpu"] == "X"
+    assert Path(paths[1]).read_text() == md and "hello" in Path(paths[2]).read_text()
+
+
+def test_gpu_check_time_calls_median_and_spread():
+    ctx = _gpu_check_ctx()
+    ctx.args.reps, ctx.args.warmup = 5, 1
+    calls = []
+    median, p10, p90 = gpu_check.time_calls(ctx, lambda: calls.append(1), reps=5, warmup=2)
+    assert len(calls) == 7 and 0 <= p10 <= median <= p90
+    row = gpu_check.add_timing(ctx, dict(case="x", backend="b", dtype="float32", P=10, tensors=1, S=1), 1000,
+                               lambda: (lambda: None))  # fmt: skip
+    assert row["status"] == "ok" and row["gbps"] > 0
+    row = gpu_check.add_timing(ctx, dict(case="y", backend="b", dtype="float32", P=10, tensors=1, S=1), 1000,
+                               lambda: 1 / 0)  # fmt: skip
+    assert row["status"] == "error" and row["note"].startswith("ZeroDivisionError")
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_and_writes_only_to_out(tmp_path):
+    """The whole script on CPU (--cpu-smoke): every check passes, every section has rows, and the
+    only files written are the three under --out (the working directory stays empty)."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BADM_FAST_BACKEND")}
+    t0 = time.perf_counter()
+    cmd = [sys.executable, os.path.join(BENCH_DIR, "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(work.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(gpu_check.OUT_FILES)
+    with open(tmp_path / "out" / "gpu_check.csv") as f:
+        rows = list(csv.DictReader(f))
+    by = {}
+    for r in rows:
+        by.setdefault(r["section"], []).append(r)
+    assert set(by) == {"parity", "check", "time", "resource"}
+    assert not [r for r in rows if r["status"] in ("FAIL", "error")]
+    backends_run = {r["backend"] for r in by["parity"]}
+    assert backends_run == {"triton", "cpp"} - ({"cpp"} if not CPP_OK else set())
+    assert {r["case"] for r in by["time"] if r["status"] == "ok"} >= {
+        "copy (dst.copy_(src))", "torch Adam(fused=True)", "torch SGD(momentum, foreach)", "kernel",
+        "kernel (reference)", "BADM.step", "BADM.step ignore", "BADM.step residuals", "BADM.step capturable",
+        "BADM.step GradScaler"}  # fmt: skip
+    assert {r["check"] for r in by["check"]} == {"capturable step vs eager (CPU: no graph)",
+                                                 "GradScaler, forced inf and NaN skipped"}  # fmt: skip
+    assert "### Timing" in proc.stdout and "skipped" not in {r["status"] for r in rows}, seconds
 
 
 # ------------------------------------------------------------------------------- benchmark cases
