@@ -152,20 +152,7 @@ def badm_bytes(P: int, S: int, dtype: torch.dtype) -> int:
     return P * (2 * isz + S * isz + 2 * S * dsz)
 
 
-def torch_optimizer_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes one step of an element-wise torch.optim optimizer moves, from its actual tensors:
-    every parameter read and written, its gradient read, every per-element state tensor
-    (exp_avg, exp_avg_sq, momentum_buffer) read and written (Adam: 7 values, SGD momentum: 5)."""
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            total += 2 * p.nbytes + p.grad.nbytes
-            for t in opt.state[p].values():
-                if isinstance(t, torch.Tensor) and t.numel() == p.numel() and t.numel() > 1:
-                    total += 2 * t.nbytes
-    return total
+torch_optimizer_bytes = bc.torch_optimizer_bytes
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int, int]:

@@ -244,18 +244,11 @@ def badm_bytes(torch, P: int, S: int, dtype) -> int:
 
 
 def torch_optim_bytes(opt) -> int:
-    """Bytes of one torch.optim step from its tensors: parameters read and written, gradients
-    read, every per-element state tensor read and written."""
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            total += 2 * p.nbytes + p.grad.nbytes
-            for t in opt.state[p].values():
-                if hasattr(t, "numel") and t.numel() == p.numel() and t.numel() > 1:
-                    total += 2 * t.nbytes
-    return total
+    """Bytes of one torch.optim step from its tensors (bench/common.py's torch_optimizer_bytes)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
+
+    return common.torch_optimizer_bytes(opt)
 
 
 def dt_name(dtype) -> str:
