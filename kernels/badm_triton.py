@@ -64,7 +64,8 @@ __all__ = [
 
 # Launch configuration of a memory-bound streaming kernel on Hopper-class GPUs: 8 elements
 # per thread per row for 4-byte arithmetic (two 16-byte fp32 vector accesses per row), 4 for
-# fp64. Throughput of the alternatives is measured by the block-size sweep of bench/gpu_check.py.
+# fp64. Not yet measured on a GPU: `block_size=`/`num_warps=` of badm_step override them, and
+# bench/gpu_check.py times the defaults against a device-to-device copy.
 _BLOCK = 2048
 _BLOCK_FP64 = 1024
 _NUM_WARPS = 8
