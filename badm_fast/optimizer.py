@@ -118,6 +118,7 @@ class _Plan:
     """What one step works on, decided on the host before any kernel runs."""
 
     buckets: list[Bucket]
+    groups: list[dict[str, Any]]  # each bucket's param group
     grads: list[list[torch.Tensor | None]]
     hypers: list[torch.Tensor]
     weights: list[torch.Tensor]
@@ -391,17 +392,17 @@ class BADM(Optimizer):
 
     def _activate_new(self) -> None:
         """Give state to parameters that had none and now have a gradient (unfrozen ones)."""
-        changed = False
         for inactive in self._inactive:
-            if not inactive:
-                continue
             for p in [p for p in inactive if p.grad is not None]:
-                self._check_param(p)
-                self._init_state(p)
-                inactive.remove(p)
-                changed = True
-        if changed:
-            self._layout = None
+                self._activate(p)
+
+    def _activate(self, p: torch.Tensor) -> None:
+        """Fresh zero state for ``p`` (one without state, or whose state no longer fits it)."""
+        self._check_param(p)
+        self._init_state(p)
+        for inactive in self._inactive:
+            inactive[:] = [q for q in inactive if q is not p]
+        self._layout = None
 
     def _revalidate(self) -> None:
         """Compare every parameter with its state: before the first step, a parameter that was
@@ -422,14 +423,13 @@ class BADM(Optimizer):
                 if self._step_count > 0:
                     raise RuntimeError(
                         f"parameter {k} of param group {g} changed to shape {tuple(t.shape)}, {t.dtype}, {t.device} "
-                        f"after the first step (its duals are {tuple(d.shape[1:])}, {d.dtype}, {d.device}); move or cast "
+                        f"after the first step (its duals are {tuple(d.shape[1:])}, {d.dtype}, {d.device}); "
+                        "move or cast "
                         "the model before the first step, or load a state_dict saved for the new layout"
                     )
-                self._check_param(p)
-                self._init_state(p)
+                self._activate(p)
                 changed = True
         if changed:
-            self._layout = None
             self._weights_cache.clear()
             self._hyper_cache.clear()
 
@@ -622,11 +622,9 @@ class BADM(Optimizer):
                     out.copy_(g.detach())
                     p.grad = out
                 return
-            self._sync_grads()
-            for p, g in zip(params, grads):
+            for p in params:
                 if p not in self.state:
-                    p.grad = torch.zeros_like(p)
-            self._activate_new()
+                    self._activate(p)
             self._sync_grads()
             where = {id(p): rec for b in self._all_buckets() for p, rec in zip(b.params, b.records)}
             for p, g in zip(params, grads):
@@ -840,7 +838,8 @@ class BADM(Optimizer):
             else:
                 for i, (k, g) in enumerate(zip(b.index, b.grads())):
                     if g is not None and not bool(torch.isfinite(g).all()):
-                        return f"in parameter {k} of param group {g_idx} (shape {tuple(b.params[i].shape)}), sub-batch 0"
+                        shape = tuple(b.params[i].shape)
+                        return f"in parameter {k} of param group {g_idx} (shape {shape}), sub-batch 0"
         return "(the gradients overflowed the step's arithmetic)"
 
     def step(self, closure: Callable[[], Any] | None = None, *, weights: Any = None, residuals: bool = False):
@@ -927,6 +926,7 @@ class BADM(Optimizer):
         buckets = [b for bufs in layout for b in bufs]
         devices = sorted({b.device for b in buckets}, key=str)
         # every group's hyperparameters, validated before anything changes
+        groups = [group for group, bufs in zip(self.param_groups, layout) for _ in bufs]
         hypers = [self._group_hyper(g, group, b.device)
                   for g, (group, bufs) in enumerate(zip(self.param_groups, layout)) for b in bufs]
         if not self._native:
@@ -948,6 +948,7 @@ class BADM(Optimizer):
         weights = [self._kernel_weights(alpha, b) for b in buckets]
         return _Plan(
             buckets=buckets,
+            groups=groups,
             grads=[b.grads() if b.grad_rows is None else self._row_grads(b) for b in buckets],
             hypers=hypers,
             weights=weights,
@@ -1004,12 +1005,12 @@ class BADM(Optimizer):
     def _fused_pass(self, plan: _Plan, residuals: bool) -> torch.Tensor | None:
         """One kernel call per bucket; returns the residual sums ``[primal^2, dual^2]`` if asked."""
         sums = None
-        for b, grads, hyper, w in zip(plan.buckets, plan.grads, plan.hypers, plan.weights):
+        for b, group, grads, hyper, w in zip(plan.buckets, plan.groups, plan.grads, plan.hypers, plan.weights):
             res = torch.zeros(2, dtype=torch.float64, device=b.device) if residuals else None
             flag = plan.flags.get(b.device)
             inv_b = plan.inv.to(b.device) if plan.inv is not None else None
             if self.process_group is not None:
-                distributed.bucket_step(self, b, hyper, res, flag, inv_b)
+                distributed.bucket_step(self, b, group, grads, hyper, res, flag, inv_b)
             else:
                 self._run_kernel(b, grads, w, hyper, res, flag, inv_b)
             if residuals:
@@ -1254,11 +1255,7 @@ class BADM(Optimizer):
         with torch.no_grad():
             for p, d in updates:
                 if p not in self.state or self._state_mismatch(p):
-                    self._check_param(p)
-                    self._init_state(p)
-                    for inactive in self._inactive:
-                        if any(q is p for q in inactive):
-                            inactive[:] = [q for q in inactive if q is not p]
+                    self._activate(p)
                 target = self.state[p]["duals"]
                 if d is None:
                     target.zero_()

@@ -877,3 +877,17 @@ def test_a_parameter_frozen_at_construction_and_unfrozen_later_is_trained():
     assert opt.state[model[0].weight]["duals"].abs().sum() > 0
     badm_fast.split_step(model, opt, F.cross_entropy, x, y)
     assert not torch.equal(model[0].weight, frozen)
+
+
+def test_set_grads_gives_state_to_a_parameter_unfrozen_after_construction():
+    a = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = nn.Parameter(torch.ones(3, dtype=torch.float64), requires_grad=False)
+    opt = badm_fast.BADM([a, b], sub_batches=2, rho=2.0, sigma=3.0)
+    b.requires_grad_(True)
+    g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    opt.set_grads(0, [a, b], [g, 2 * g])
+    opt.set_grads(1, [a, b], [g, 2 * g])
+    assert torch.equal(opt.sub_batch_grad(b, 0), 2 * g)
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    torch.testing.assert_close(b.detach(), torch.ones(3, dtype=torch.float64) - 2 * lr * 2 * g, rtol=1e-15, atol=0)
