@@ -71,8 +71,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .reference import compute_dtype
-
 __all__ = [
     "check_replicas",
     "gather_state_dict",
@@ -330,6 +328,8 @@ def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
 def bucket_step(
     opt: Any,
     bucket: Any,
+    group: dict[str, Any],
+    grads: list[torch.Tensor | None],
     hyper: torch.Tensor,
     residuals: torch.Tensor | None,
     found_inf: torch.Tensor | None,
@@ -337,6 +337,7 @@ def bucket_step(
 ) -> None:
     """The distributed fused step of one bucket: this rank's rows through the kernel into the
     payload (the kernel adds to its ``params`` argument), one all-reduce, then ``z += delta / W``.
+    ``grads`` are the bucket's gradients as the step's plan gathered them (``R*N``, None = none).
     ``residuals`` (optional, float64 ``(2,)``) gets the global ``[sum_s alpha_s ||w_s' - z||^2,
     ||z' - z||^2]`` of this bucket added, like the kernel contract's residuals."""
     rep = _replica(opt)
@@ -352,11 +353,10 @@ def bucket_step(
     unused_res = payload[P + _TAIL + n : P + _TAIL + 2 * n]
     w = opt._weights_tensor(local_w, bucket.device, cdt)  # the same cache as the single-process step
     step_fn = opt._fns[bucket.device.type][0]
-    rows = opt._row_grads(bucket) if bucket.grad_rows is not None else bucket.grads()
-    rows = [None if g is None else (g if g.dtype == cdt else g.to(cdt)) for g in rows]
-    wd = float(opt.param_groups[_group_of(opt, bucket)]["weight_decay"])
+    rows = [None if g is None else (g if g.dtype == cdt else g.to(cdt)) for g in grads]
+    wd = float(group["weight_decay"])
     if wd != 0.0:  # the kernel's wd*z would read the zero payload: add the decay to the gradients here
-        sign = -1.0 if opt.param_groups[_group_of(opt, bucket)]["maximize"] else 1.0
+        sign = -1.0 if group["maximize"] else 1.0
         zs = [t.to(cdt) for t in bucket.locals]
         rows = [None if g is None else g + (sign * wd) * zs[k % n] for k, g in enumerate(rows)]
         hyper = hyper.clone()
@@ -384,10 +384,12 @@ def bucket_step(
         payload[P + 1] = res[0]
     dist.all_reduce(payload, group=rep.group)
     inv_w = payload[P : P + 1].reciprocal()
+    untouched = set()  # parameters no rank gave a gradient: their weights and duals stay
     if saved:
         users = used.cpu()
         for i, duals in saved:
-            if users[i] == 0:  # no rank gave it a gradient: weights and duals stay
+            if users[i] == 0:
+                untouched.add(i)
                 for r in range(R):
                     bucket.duals[r * n + i].copy_(duals[r])
                 delta[i].zero_()
@@ -401,22 +403,10 @@ def bucket_step(
         residuals += part
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for k, (z, d) in enumerate(zip(bucket.locals, delta)):
-        if users_zero(saved, k, used):
+        if k in untouched:
             continue
         new = (d * inv_w).add_(z.to(cdt)).to(z.dtype)
         z.copy_(new if skip is None else torch.where(skip, z, new))
-
-
-def users_zero(saved: list, k: int, used: torch.Tensor) -> bool:
-    """Whether parameter ``k`` was untouched on every rank (its weights stay exactly)."""
-    return any(i == k for i, _ in saved) and float(used[k]) == 0
-
-
-def _group_of(opt: Any, bucket: Any) -> int:
-    for g, bufs in enumerate(opt._buckets()):
-        if any(b is bucket for b in bufs):
-            return g
-    raise RuntimeError("bucket not found")  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------- checkpoints
