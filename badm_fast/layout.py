@@ -112,7 +112,9 @@ class GradRecord:
 class Bucket:
     """The parameters with state of one (group, device, dtype) and their kernel argument lists."""
 
-    __slots__ = ("params", "index", "locals", "device", "dtype", "rows", "dtensor", "duals", "grad_rows", "records", "complex")
+    __slots__ = (
+        "params", "index", "locals", "device", "dtype", "rows", "dtensor", "complex", "duals", "grad_rows", "records"
+    )
 
     def __init__(
         self,

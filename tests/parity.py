@@ -75,7 +75,8 @@ class Case:
         return Case(params, grads, duals, self.weights.clone(), self.hyper.clone(), buffers)
 
 
-def _poisoned(n: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _poisoned(n: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0):
+    """A NaN buffer of ``n + PAD`` elements and a view of its first ``n``, filled with random values."""
     buf = torch.full((n + PAD,), float("nan"), dtype=dtype)
     buf[:n] = (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype)
     return buf, buf[:n]
