@@ -65,6 +65,7 @@ part back.
 from __future__ import annotations
 
 import io
+import math
 import zlib
 from typing import Any
 
@@ -312,6 +313,41 @@ def refusal_message(opt: Any, where: str) -> str:
         f"rank(s) {ranks} refused the step (a non-finite gradient; their errors name it); the step was refused on "
         "every rank and weights and duals are unchanged"
     )
+
+
+# ------------------------------------------------------------------ FSDP2 (DTensor parameters)
+def mesh_reduce_(t: torch.Tensor, mesh: Any, placements: tuple, op: str) -> None:
+    """Reduce ``t`` in place over a DTensor bucket's device mesh.
+
+    ``op="max"``: over every mesh dimension, so that every rank holding a shard of the parameters
+    or a replica of them takes the same decision (the refusal flag). ``op="sum"``: over the
+    dimensions the parameters are sharded on only (the shards' partial sums of the residuals or
+    of a norm; replicas hold copies and are not counted twice). One small all-reduce per mesh
+    dimension; nothing is read on the host.
+    """
+    reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+    for dim, placement in enumerate(placements):
+        if op == "max" or placement.is_shard():
+            dist.all_reduce(t, op=reduce_op, group=mesh.get_group(dim))
+
+
+def sharded_total_norm(local_norms: list[tuple[torch.Tensor, Any, tuple]], norm_type: float) -> torch.Tensor:
+    """The total ``norm_type``-norm from per-bucket local norms ``(norm, mesh, placements)``
+    (mesh None: a plain bucket, nothing to reduce): ``(sum_r n_r^p)^(1/p)``, or the max for inf;
+    summed in float64, returned in the dtype of the first local norm (as torch's total norm)."""
+    inf = math.isinf(norm_type)
+    total = None
+    for norm, mesh, placements in local_norms:
+        part = norm.to(torch.float64) if inf else norm.to(torch.float64) ** norm_type
+        if mesh is not None:
+            part = part.clone()
+            mesh_reduce_(part, mesh, placements, "max" if inf else "sum")
+        if total is None:
+            total = part
+        else:
+            total = torch.maximum(total, part.to(total.device)) if inf else total + part.to(total.device)
+    assert total is not None
+    return (total if inf else total ** (1.0 / norm_type)).to(local_norms[0][0].dtype)
 
 
 def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

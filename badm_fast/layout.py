@@ -23,7 +23,9 @@ import torch
 
 from .reference import compute_dtype
 
-__all__ = ["SUPPORTED_DTYPES", "Bucket", "GradRecord", "alloc_like", "is_dense", "kernel_view", "local"]
+__all__ = [
+    "SUPPORTED_DTYPES", "Bucket", "GradRecord", "alloc_like", "bucket_key", "is_dense", "kernel_view", "local"
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -48,6 +50,16 @@ def is_dtensor(t: Any) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """The tensor a kernel reads and writes: ``t`` itself, or a DTensor's local shard."""
     return t._local_tensor if is_dtensor(t) else t
+
+
+def bucket_key(p: torch.Tensor) -> tuple:
+    """Parameters of one param group with equal keys share a bucket: same device and dtype of what
+    the kernels see, and for DTensors the same device mesh and placements (their reductions run
+    over that mesh)."""
+    t = kernel_view(p)
+    if is_dtensor(p):
+        return (t.device, t.dtype, p.device_mesh, tuple(p.placements))
+    return (t.device, t.dtype, None, None)
 
 
 def kernel_view(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +125,8 @@ class Bucket:
     """The parameters with state of one (group, device, dtype) and their kernel argument lists."""
 
     __slots__ = (
-        "params", "index", "locals", "device", "dtype", "rows", "dtensor", "complex", "duals", "grad_rows", "records"
+        "params", "index", "locals", "device", "dtype", "rows", "dtensor", "mesh", "placements", "complex", "duals",
+        "grad_rows", "records",
     )
 
     def __init__(
@@ -127,6 +140,10 @@ class Bucket:
         self.params = params
         self.index = index  # position of each parameter in its param group
         self.dtensor = is_dtensor(params[0])
+        # DTensor parameters (FSDP2): every kernel works on the local shards; the step's few scalars
+        # (the refusal flag, residual sums, norms) are reduced over the mesh (badm_fast.distributed)
+        self.mesh = params[0].device_mesh if self.dtensor else None
+        self.placements = tuple(params[0].placements) if self.dtensor else None
         self.complex = params[0].is_complex()
         self.locals = [kernel_view(p) for p in params]
         first = self.locals[0]

@@ -13,7 +13,17 @@ import torch
 from torch.optim import Optimizer
 
 from . import _ops, backends, distributed
-from .layout import SUPPORTED_DTYPES, Bucket, GradRecord, alloc_like, is_dense, is_dtensor, kernel_view, local
+from .layout import (
+    SUPPORTED_DTYPES,
+    Bucket,
+    GradRecord,
+    alloc_like,
+    bucket_key,
+    is_dense,
+    is_dtensor,
+    kernel_view,
+    local,
+)
 from .reference import compute_dtype, lr_momentum, rho_sigma
 
 __all__ = ["BADM", "STATE_VERSION"]
@@ -28,6 +38,12 @@ STATE_VERSION = 3
 MODES = ("sub_batch", "merged")
 NONFINITE = ("raise", "skip", "ignore")
 _HYPER_KEYS = ("lr", "momentum", "weight_decay", "maximize")
+
+
+def _same_sharding(a: Any, b: Any) -> bool:
+    """Whether two DTensors have the same mesh, placements and local shape (a shard copies as is)."""
+    same_local = a._local_tensor.shape[1:] == b._local_tensor.shape[1:]
+    return a.device_mesh == b.device_mesh and a.placements == b.placements and same_local
 
 
 def _number(name: str, value: Any) -> float:
@@ -51,6 +67,14 @@ def check_hyper(lr: Any, momentum: Any, weight_decay: Any = 0.0) -> tuple[float,
     if not math.isfinite(wd_f) or wd_f < 0:
         raise ValueError(f"Invalid weight_decay: {weight_decay!r} (a finite number >= 0)")
     return lr_f, mu_f, wd_f
+
+
+def _local_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """Norm of a rank's shards; 0 where they are all empty (a parameter smaller than the mesh)."""
+    full = [t for t in tensors if t.numel()]
+    if not full:
+        return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    return torch.nn.utils.get_total_norm(full, norm_type)
 
 
 def _scale_to_norm(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
@@ -130,6 +154,7 @@ class _Plan:
     inv: torch.Tensor | None
     invalid: torch.Tensor | None
     host_decides: bool
+    meshes: list[tuple[Any, tuple]]  # (mesh, placements) of the DTensor buckets (FSDP2), in order
 
 
 class BADM(Optimizer):
@@ -343,6 +368,11 @@ class BADM(Optimizer):
             raise ValueError(f"BADM supports complex parameters of real dtypes {SUPPORTED_DTYPES}, got {p.dtype}")
         if not p.is_leaf:
             raise ValueError("can't optimize a non-leaf Tensor")
+        if self.process_group is not None and is_dtensor(p):
+            raise ValueError(
+                "process_group is for parameters replicated on every rank; DTensor parameters (FSDP2's fully_shard) "
+                "are stepped on their local shards without it: construct BADM without process_group"
+            )
         if not is_dense(local(p)):
             raise ValueError(
                 f"BADM needs parameters whose elements are dense in memory, got shape {tuple(p.shape)} with "
@@ -379,10 +409,9 @@ class BADM(Optimizer):
         for k, p in enumerate(group["params"]):
             if p not in self.state:
                 continue
-            t = kernel_view(p)
-            by_key.setdefault((t.device, t.dtype), ([], []))
-            by_key[(t.device, t.dtype)][0].append(p)
-            by_key[(t.device, t.dtype)][1].append(k)
+            entry = by_key.setdefault(bucket_key(p), ([], []))
+            entry[0].append(p)
+            entry[1].append(k)
         records = self._records if self._rows > 1 else None
         return [Bucket(ps, idx, self.state, records, self._rows) for ps, idx in by_key.values()]
 
@@ -671,21 +700,37 @@ class BADM(Optimizer):
             grads = [p.grad for p in self._managed() if p.grad is not None]
             if not grads:
                 return torch.zeros(1)
-            norm = torch.nn.utils.get_total_norm(grads, norm_type)
-            _scale_to_norm(grads, max_norm, norm)
-            return norm.reshape(1)
+            entries = [(local(g), g.device_mesh, tuple(g.placements)) if is_dtensor(g) else (g, None, None)
+                       for g in grads]
+            return self._clip(entries, max_norm, norm_type).reshape(1)
         self._sync_grads()
         self._prepare_rows()
         norms = []
         for s in range(self._rows):
-            rows = [local(rec.rows)[s] for b in self._all_buckets() for rec in b.records if any(rec.state)]
-            if not rows:
+            entries = [(local(rec.rows)[s], b.mesh, b.placements)
+                       for b in self._all_buckets() for rec in b.records if any(rec.state)]
+            if not entries:
                 norms.append(torch.zeros((), dtype=torch.float32))
                 continue
-            norm = torch.nn.utils.get_total_norm(rows, norm_type)
-            _scale_to_norm(rows, max_norm, norm)
-            norms.append(norm.to(rows[0].device))
+            norms.append(self._clip(entries, max_norm, norm_type).to(entries[0][0].device))
         return torch.stack([n.to(norms[0].device) for n in norms])
+
+    @staticmethod
+    def _clip(entries: list[tuple[torch.Tensor, Any, Any]], max_norm: float, norm_type: float) -> torch.Tensor:
+        """Total norm of ``(tensor, mesh, placements)`` entries (mesh None: a plain tensor; else the
+        local shard of a DTensor, its partial norms reduced over the mesh), then scale them to it."""
+        tensors = [t for t, _, _ in entries]
+        if all(mesh is None for _, mesh, _ in entries):
+            norm = torch.nn.utils.get_total_norm(tensors, norm_type)
+        else:
+            by_mesh: dict[tuple, list[torch.Tensor]] = {}
+            for t, mesh, placements in entries:  # parameter order: the same collectives on every rank
+                by_mesh.setdefault((mesh, placements), []).append(t)
+            norm = distributed.sharded_total_norm(
+                [(_local_norm(ts, norm_type), m, pl) for (m, pl), ts in by_mesh.items()], norm_type
+            )
+        _scale_to_norm(tensors, max_norm, norm)
+        return norm
 
     @torch.no_grad()
     def _prepare_rows(self) -> None:
@@ -840,6 +885,8 @@ class BADM(Optimizer):
                     if g is not None and not bool(torch.isfinite(g).all()):
                         shape = tuple(b.params[i].shape)
                         return f"in parameter {k} of param group {g_idx} (shape {shape}), sub-batch 0"
+        if any(b.dtensor for b in self._all_buckets()):
+            return "in a shard held by another rank"
         return "(the gradients overflowed the step's arithmetic)"
 
     def step(self, closure: Callable[[], Any] | None = None, *, weights: Any = None, residuals: bool = False):
@@ -960,6 +1007,7 @@ class BADM(Optimizer):
             inv=inv,
             invalid=invalid,
             host_decides=not self.capturable and (len(devices) > 1 or all(d.type == "cpu" for d in devices)),
+            meshes=list(dict.fromkeys((b.mesh, b.placements) for b in buckets if b.dtensor)),
         )
 
     def _raise_flags(self, plan: _Plan) -> None:
@@ -986,6 +1034,9 @@ class BADM(Optimizer):
                 f.copy_(torch.maximum(f, extra.to(d)))
         if self.process_group is not None:
             distributed.agree(self, plan.flags)
+        for mesh, placements in plan.meshes:  # FSDP2: the ranks holding the shards decide together
+            for f in plan.flags.values():
+                distributed.mesh_reduce_(f, mesh, placements, "max")
         if plan.host_decides and len(plan.flags) > 1:
             self._one_decision(plan.flags)
 
@@ -1017,6 +1068,8 @@ class BADM(Optimizer):
                 lr, mu = hyper[0], hyper[1]
                 sigma = torch.where(lr > 0, (1.0 - mu) / torch.where(lr > 0, lr, 1.0), 0.0)
                 part = torch.stack((res[0], res[1] * sigma * sigma))
+                if b.dtensor:  # the shards' partial sums
+                    distributed.mesh_reduce_(part, b.mesh, b.placements, "sum")
                 sums = part if sums is None else sums + part.to(sums.device)
         return sums
 
@@ -1125,7 +1178,10 @@ class BADM(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim-compatible state (its hooks run in torch's order): per-parameter ``duals``
         under the parameter's index, the param groups (lr/momentum, and rho/sigma beside them),
-        ``param_names`` where the groups have names, and BADM's metadata under ``"badm"`` (versioned)."""
+        ``param_names`` where the groups have names, and BADM's metadata under ``"badm"`` (versioned).
+        The metadata is repeated in every param group (key ``"badm"``) so that tools which keep only
+        ``"state"`` and ``"param_groups"`` (``torch.distributed.checkpoint.state_dict``) carry it; on
+        load the top-level copy wins where both are present."""
         self._report_pending(wait=True)
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
@@ -1155,6 +1211,8 @@ class BADM(Optimizer):
             "merged_alpha": list(self._merged_alpha) if self._merged_alpha is not None else None,
             "alpha": list(self._last_alpha) if self._last_alpha is not None else None,
         }
+        for packed in groups:
+            packed["badm"] = dict(meta)
         state_dict = {"state": state, "param_groups": groups, "badm": meta}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
@@ -1183,6 +1241,11 @@ class BADM(Optimizer):
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
         meta = state_dict.get("badm")
+        if meta is None:  # a state that kept only 'state' and 'param_groups' (e.g. DCP): the groups' copies
+            metas = [sg.get("badm") for sg in state_dict["param_groups"] if isinstance(sg, dict)]
+            meta = metas[0] if metas else None
+            if any(m != meta for m in metas):
+                raise ValueError("the param groups of the state carry different 'badm' metadata")
         if not isinstance(meta, dict):
             raise ValueError("not a BADM state_dict (no 'badm' metadata)")
         meta = dict(meta)  # annotated below; the caller's dict stays as it was
@@ -1260,7 +1323,9 @@ class BADM(Optimizer):
                 if d is None:
                     target.zero_()
                     continue
-                if is_dtensor(target):
+                if is_dtensor(target) and is_dtensor(d) and _same_sharding(d, target):
+                    local(target).copy_(convert(local(d).to(device=local(target).device, dtype=torch.float64)))
+                elif is_dtensor(target):  # a full tensor (or another sharding): each rank takes its shard
                     from torch.distributed.tensor import distribute_tensor
 
                     full = d.full_tensor() if is_dtensor(d) else d
@@ -1271,7 +1336,7 @@ class BADM(Optimizer):
                     target.copy_(convert(d.to(device=target.device, dtype=torch.float64)))
         for g, sg, (lr, mu) in zip(self.param_groups, saved_groups, new_hyper):
             for k, v in sg.items():
-                if k not in ("params", "rho", "sigma", "param_names"):
+                if k not in ("params", "rho", "sigma", "param_names", "badm"):
                     g[k] = v
             if "param_names" in sg and "param_names" in g:
                 g["param_names"] = sg["param_names"]

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
-import traceback
-from datetime import timedelta
 
 import pytest
+import ranks
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from ranks import HAVE_GLOO
 from torch import nn
 
 import badm_fast
@@ -28,13 +27,6 @@ from badm_fast import backends
 
 WORLD = 2
 TIMEOUT_S = 180  # the whole spawn; each collective also times out after 60 s
-
-try:
-    import torch.distributed as dist
-
-    HAVE_GLOO = dist.is_available() and dist.is_gloo_available()
-except ImportError:  # pragma: no cover - torch without distributed support
-    HAVE_GLOO = False
 
 
 def _cpu_backends() -> list[str]:
@@ -377,91 +369,14 @@ SCENARIOS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    report = {}
-    failed = None
-    for name, fn in SCENARIOS.items():
-        if failed is not None:
-            report[name] = f"not run: scenario {failed} failed before"
-            continue
-        try:
-            fn(rank, outdir) if name == "checkpoint_resume" else fn(rank)
-            dist.barrier()  # a rank that failed has left: this raises instead of pairing the next collectives
-            report[name] = None
-        except Exception:
-            report[name] = traceback.format_exc()
-            failed = name
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump(report, f)
-    if failed is not None:
-        os._exit(1)  # the peer's pending collective fails at once
-    dist.destroy_process_group()
-
-
-# ====================================================================== pytest side
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reports():
-    if not HAVE_GLOO:
-        pytest.skip("torch.distributed with gloo is not available")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ,
-        GLOO_SOCKET_IFNAME="lo",
-        MASTER_ADDR="127.0.0.1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    )
-    with tempfile.TemporaryDirectory() as outdir:
-        port = _free_port()
-        logs = [open(os.path.join(outdir, f"log{r}.txt"), "w+") for r in range(WORLD)]
-        procs = [
-            subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), str(r), str(WORLD), str(port), outdir],
-                env=env,
-                cwd=root,
-                stdout=logs[r],
-                stderr=subprocess.STDOUT,
-            )
-            for r in range(WORLD)
-        ]
-        try:
-            for p in procs:
-                p.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        out = []
-        for r in range(WORLD):
-            logs[r].seek(0)
-            log = logs[r].read()[-4000:]
-            logs[r].close()
-            path = os.path.join(outdir, f"rank{r}.json")
-            if not os.path.exists(path):
-                pytest.fail(f"rank {r} wrote no report (exit code {procs[r].returncode}); its output:\n{log}")
-            with open(path) as f:
-                out.append(json.load(f))
-        return out
+    return ranks.reports(__file__, WORLD, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_distributed(reports, scenario):
-    failures = {rank: report.get(scenario, "no report") for rank, report in enumerate(reports)}
-    failures = {rank: why for rank, why in failures.items() if why is not None}
-    assert not failures, "\n".join(f"rank {rank}, {scenario}:\n{why}" for rank, why in failures.items())
+    ranks.assert_scenario_passed(reports, scenario)
 
 
 def test_training_job_runs_distributed(tmp_path):
@@ -477,7 +392,7 @@ def test_training_job_runs_distributed(tmp_path):
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
     run = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
-    run += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "badm_fast.train", "--distributed"]
+    run += ["--master_addr=127.0.0.1", f"--master_port={ranks.free_port()}", "-m", "badm_fast.train", "--distributed"]
     out = tmp_path / "distributed"
     done = subprocess.run(
         [*run, *job, "--sub-batches", "2", "--out", str(out), "--threads", "1", "--quiet"],
@@ -540,4 +455,5 @@ def test_process_group_is_validated():
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    ranks.run_scenarios(SCENARIOS, int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                        with_dir=frozenset({"checkpoint_resume"}))

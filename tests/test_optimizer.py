@@ -448,7 +448,7 @@ def test_state_dict_holds_compact_copies():
     [
         (lambda sd: sd["badm"].update(sub_batches=5), "sub_batches=5"),
         (lambda sd: sd["badm"].update(version=99), "unsupported BADM state version 99"),
-        (lambda sd: sd.pop("badm"), "not a BADM state_dict"),
+        (lambda sd: [g.pop("badm") for g in [sd, *sd["param_groups"]]], "not a BADM state_dict"),
         (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "2 parameter groups"),
         (lambda sd: sd["state"][0].update(duals=torch.zeros(2, 7)), r"expected \(2, 16, 6\)"),
         (lambda sd: sd["state"].pop(1), "no duals for parameter 1"),
