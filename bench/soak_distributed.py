@@ -15,7 +15,7 @@ group outlived ``destroy_process_group``; it must also end with the final weight
 fresh run, bit for bit (a resumed job that exits 0 but trains something else is not clean
 either). ``--load N`` keeps N busy-looping processes running alongside (the exit
 races show up under load); ``--starve`` also renices the jobs' gloo worker threads (see
-:class:`Starver`), which makes the exit race of badm_fast/train.py::_shutdown_distributed
+:class:`Starver`), which makes the exit race of badm_fast/train/cli.py::_shutdown_distributed
 frequent: before that fix, most fresh runs aborted with ``--load 3 --starve`` on 2 cores.
 Exit status: 0 when every run was clean.
 
