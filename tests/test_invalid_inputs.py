@@ -592,7 +592,8 @@ CASES = [
     Case("params-cast-after-the-first-step", _step(), RuntimeError,
          r"parameter 0 of param group 0 changed to shape \(8, 5\), torch.float32, cpu after the first step",
          setup=lambda c: c.model.float(), recover=lambda c: c.model.double()),
-    Case("param-replaced-by-other-shape", _step(), RuntimeError, r"parameter 3 of param group 0 changed to shape \(3, 3\)",
+    Case("param-replaced-by-other-shape", _step(), RuntimeError,
+         r"parameter 3 of param group 0 changed to shape \(3, 3\)",
          setup=lambda c: setattr(c.model[2].bias, "data", torch.zeros(3, 3, dtype=torch.float64)),
          recover=lambda c: setattr(c.model[2].bias, "data", torch.zeros(3, dtype=torch.float64))),
     # ------------------------------------------------ load_state_dict
