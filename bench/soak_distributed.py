@@ -146,7 +146,7 @@ def wait_job(proc: subprocess.Popen, timeout: float) -> int:
 
 def _writes(path: Path) -> int:
     """How many times the job has written this checkpoint (a step each, and one at the end)."""
-    from badm_fast import checkpoint
+    from badm_fast.train import checkpoint
 
     progress = checkpoint.load_checkpoint(path)["progress"]
     return progress["steps"] + int(progress["finished"])
@@ -180,7 +180,7 @@ def kill_after_checkpoints(proc: subprocess.Popen, out: Path, k: int, timeout: f
 
 
 def _finished(path: Path) -> bool:
-    from badm_fast import checkpoint
+    from badm_fast.train import checkpoint
 
     return path.is_file() and checkpoint.load_checkpoint(path)["progress"]["finished"]
 
