@@ -15,8 +15,9 @@ hides the installed torch) installs the pure-Python package and says so in the b
 
 What gets built:
 
-* ``badm_fast`` (the Python package) and ``badm_fast.kernels`` (the Triton kernels, taken from
-  the top-level ``kernels/`` folder) always.
+* ``badm_fast`` (the Python package: the optimizer, and the ``badm-train`` application in its
+  subpackage ``badm_fast.train``) and ``badm_fast.kernels`` (the Triton kernels, taken from the
+  top-level ``kernels/`` folder) always.
 * ``badm_fast._C``: the C++ CPU kernel (``csrc/*.cpp``) wherever a C++ compiler is found, plus
   the CUDA kernel (``csrc/cuda/*.cu``, ``csrc/cuda/*.cpp``) when the installed torch is a CUDA
   build and the CUDA toolkit (``CUDA_HOME`` or ``nvcc`` on PATH) is found. Otherwise the CUDA

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-loop throughput: steps per second, and the optimizer's share of each step.
 
-Models: the digits CNN of ``badm_fast.tasks`` (scikit-learn's 8x8 digits, the task's batch
+Models: the digits CNN of ``badm_fast.train.tasks`` (scikit-learn's 8x8 digits, the task's batch
 size) and a larger MLP (784-2048-2048-10 on random data, batch 256). Optimizers:
 
 - ``badm``: BADM per-sub-batch, S = 4, one step = :func:`badm_fast.split_step` (4 forward and
@@ -61,7 +61,7 @@ CSV_FIELDS = [
 
 
 class DigitsCNN(nn.Module):
-    """The digits CNN's shape, for when ``badm_fast.tasks`` is not importable: two 3x3
+    """The digits CNN's shape, for when ``badm_fast.train.tasks`` is not importable: two 3x3
     convolutions (32, 64 channels), a max-pool, a 128-unit hidden layer, 10 classes."""
 
     def __init__(self):
@@ -84,7 +84,7 @@ class Workload:
         gen = torch.Generator().manual_seed(seed)
         if name == "digits-cnn":
             try:
-                from badm_fast.tasks import DigitsTask
+                from badm_fast.train.tasks import DigitsTask
 
                 task = DigitsTask(seed=seed)
                 self._build = task.build_model

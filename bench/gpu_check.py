@@ -1006,7 +1006,8 @@ def measure_copy(ctx: Context) -> None:
     dst = torch.empty_like(src)
     nbytes = 2 * src.nbytes
     base = dict(case="copy (dst.copy_(src))", backend="torch", dtype="float32", P=n, tensors=1, S="")
-    row = add_timing(ctx, base, nbytes, lambda: (lambda: dst.copy_(src)), note=f"{nbytes / MIB:.0f} MiB moved")
+    row = add_timing(ctx, base, nbytes, lambda dst=dst, src=src: (lambda: dst.copy_(src)),
+                     note=f"{nbytes / MIB:.0f} MiB moved")  # fmt: skip
     if row["status"] == "ok":
         ctx.report.copy_gbps = row["gbps"]
         row["of_copy"] = 1.0
@@ -1151,7 +1152,7 @@ def time_kernels(ctx: Context, src: Source, base: dict, S: int, nbytes: int) -> 
     for name in names:
         fn = ctx.reference.fused_step_ if name == "torch" else ctx.kernels[name]
         add_timing(ctx, dict(base, case="kernel" if name != "torch" else "kernel (reference)", backend=name, S=S),
-                   nbytes, lambda fn=fn: (lambda: fn(*args)))  # fmt: skip
+                   nbytes, lambda fn=fn, args=args: (lambda: fn(*args)))  # fmt: skip
     del args
     ctx.free()
 

@@ -15,7 +15,7 @@ group outlived ``destroy_process_group``; it must also end with the final weight
 fresh run, bit for bit (a resumed job that exits 0 but trains something else is not clean
 either). ``--load N`` keeps N busy-looping processes running alongside (the exit
 races show up under load); ``--starve`` also renices the jobs' gloo worker threads (see
-:class:`Starver`), which makes the exit race of badm_fast/train.py::_shutdown_distributed
+:class:`Starver`), which makes the exit race of badm_fast/train/cli.py::_shutdown_distributed
 frequent: before that fix, most fresh runs aborted with ``--load 3 --starve`` on 2 cores.
 Exit status: 0 when every run was clean.
 
@@ -146,7 +146,7 @@ def wait_job(proc: subprocess.Popen, timeout: float) -> int:
 
 def _writes(path: Path) -> int:
     """How many times the job has written this checkpoint (a step each, and one at the end)."""
-    from badm_fast import checkpoint
+    from badm_fast.train import checkpoint
 
     progress = checkpoint.load_checkpoint(path)["progress"]
     return progress["steps"] + int(progress["finished"])
@@ -180,7 +180,7 @@ def kill_after_checkpoints(proc: subprocess.Popen, out: Path, k: int, timeout: f
 
 
 def _finished(path: Path) -> bool:
-    from badm_fast import checkpoint
+    from badm_fast.train import checkpoint
 
     return path.is_file() and checkpoint.load_checkpoint(path)["progress"]["finished"]
 

@@ -10,7 +10,7 @@ sigma = (1 - mu)/lr and rho = sigma * mu / (1 - mu) = mu/lr match SGD(lr, moment
 Each cell is one ``badm-train --optimizers badm`` run (same data, same initial weights as
 the job); the tables report the final test metric (mean over seeds) and the final training
 loss. The best cell of each task (by final test metric, ties broken by training loss) is the
-default of ``badm_fast/tasks.py``. Runs on CPU with ``--threads`` torch threads.
+default of ``badm_fast/train/tasks.py``. Runs on CPU with ``--threads`` torch threads.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from badm_fast import train
+from badm_fast.train import cli
 
 # task -> (extra badm-train arguments, sigmas, momenta, seeds); budgets sized so that the
 # whole default sweep takes about 10 minutes on 2 CPU cores.
@@ -56,7 +56,7 @@ def run_cell(task: str, extra: list[str], sigma: float, mu: float, seed: int, th
         t0 = time.perf_counter()
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the job's own summary table
-                code = train.main(argv)
+                code = cli.main(argv)
         except SystemExit as e:  # a refused configuration
             code = e.code
         except (RuntimeError, FloatingPointError):  # a divergent one
@@ -169,12 +169,12 @@ def main(argv=None) -> int:
         f"Command: `{command.strip()}` ({elapsed / 60:.1f} min on {platform.machine()}, "
         f"{args.threads} torch threads, torch {torch.__version__}, {platform.platform()}).",
         "",
-        "The defaults of `--badm-sigma` / `--badm-rho` in `badm_fast/tasks.py` are the best cell of each table.",
+        "The defaults of `--badm-sigma` / `--badm-rho` in `badm_fast/train/tasks.py` are the best cell of each table.",
         "",
     ]
     text = "\n".join(header + sections)
     if args.out and not args.no_write:
-        with train.atomic_open(args.out, "w") as f:
+        with cli.atomic_open(args.out, "w") as f:
             f.write(text)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

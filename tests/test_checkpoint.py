@@ -1,4 +1,4 @@
-"""Checkpoints of ``badm-train`` (badm_fast/checkpoint.py): a training job killed with SIGKILL
+"""Checkpoints of ``badm-train`` (badm_fast/train/checkpoint.py): a training job killed with SIGKILL
 and resumed ends with the weights of an uninterrupted run, bit for bit; writes are atomic;
 mismatched arguments and damaged files are refused with clear errors; optimizer states move
 between devices through a CPU checkpoint."""
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import badm_fast
-from badm_fast import checkpoint, train
+from badm_fast.train import checkpoint, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("badm", "sgd")
@@ -36,7 +36,7 @@ SMALL = ["--task", "digits", "--optimizers", "badm,sgd", "--subset", "128", "--e
 
 def run_job(out, *extra, quiet=True):
     argv = [*JOB, "--out", str(out), *extra] + (["--quiet"] if quiet else [])
-    assert train.main(argv) == 0
+    assert cli.main(argv) == 0
 
 
 def final_weights(out, name):
@@ -145,7 +145,7 @@ def test_crash_in_second_optimizer_resumes_it_and_keeps_the_finished_one(referen
     2 steps of SGD and finishes; a stale temporary file is cleaned up; resuming a finished run
     trains nothing and changes nothing."""
     out = tmp_path / "run"
-    real_step, calls = train.train_step, []
+    real_step, calls = cli.train_step, []
 
     def crashing_step(*args, **kwargs):
         calls.append(1)
@@ -153,12 +153,12 @@ def test_crash_in_second_optimizer_resumes_it_and_keeps_the_finished_one(referen
             raise KeyboardInterrupt("simulated crash")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", crashing_step)
-    assert train.main([*JOB, "--out", str(out), "--checkpoint-every", str(EVERY), "--quiet"]) == 130  # as Ctrl-C
+    monkeypatch.setattr(cli, "train_step", crashing_step)
+    assert cli.main([*JOB, "--out", str(out), "--checkpoint-every", str(EVERY), "--quiet"]) == 130  # as Ctrl-C
     assert f"interrupted while training sgd; its last checkpoint is {out / 'checkpoints' / 'sgd.pt'}; " in (
         capsys.readouterr().err
     )
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(cli, "train_step", real_step)
     sgd = checkpoint.load_checkpoint(out / "checkpoints" / "sgd.pt")
     assert sgd["progress"] | {"time_s": 0, "cpu_s": 0, "total": 0} == dict(
         epoch=1, step=2 * EVERY, steps=2 * EVERY, total=0, count=2 * EVERY * 32, time_s=0, cpu_s=0, finished=False
@@ -176,7 +176,7 @@ def test_crash_in_second_optimizer_resumes_it_and_keeps_the_finished_one(referen
 
     before = {p.name: p.read_bytes() for p in out.glob("final-*.pt")}
     calls.clear()
-    monkeypatch.setattr(train, "train_step", crashing_step)  # counts the steps: none may run
+    monkeypatch.setattr(cli, "train_step", crashing_step)  # counts the steps: none may run
     run_job(out, "--resume")
     assert calls == []
     assert_same_run(out, reference)
@@ -256,8 +256,8 @@ def test_checkpoint_at_the_end_of_an_epoch_resumes_before_its_evaluation(tmp_pat
     comes before the epoch's evaluation; a crash in the next step resumes with an epoch that has
     no step left, evaluates it and goes on as the uninterrupted run."""
     job = [*SMALL, "--epochs", "2", "--max-steps-per-epoch", "3", "--optimizers", "badm", "--quiet"]
-    assert train.main([*job, "--out", str(tmp_path / "ref"), "--checkpoint-every", "0"]) == 0
-    real_step, calls = train.train_step, []
+    assert cli.main([*job, "--out", str(tmp_path / "ref"), "--checkpoint-every", "0"]) == 0
+    real_step, calls = cli.train_step, []
 
     def crashing_step(*args, **kwargs):
         calls.append(1)
@@ -266,12 +266,12 @@ def test_checkpoint_at_the_end_of_an_epoch_resumes_before_its_evaluation(tmp_pat
         return real_step(*args, **kwargs)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(train, "train_step", crashing_step)
-    assert train.main([*job, "--out", str(out), "--checkpoint-every", "3"]) == 130  # stopped as by Ctrl-C
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(cli, "train_step", crashing_step)
+    assert cli.main([*job, "--out", str(out), "--checkpoint-every", "3"]) == 130  # stopped as by Ctrl-C
+    monkeypatch.setattr(cli, "train_step", real_step)
     saved = checkpoint.load_checkpoint(out / "checkpoints" / "badm.pt")
     assert (saved["progress"]["epoch"], saved["progress"]["step"], saved["record"]["epochs"]) == (1, 3, [])
-    assert train.main([*job, "--out", str(out), "--checkpoint-every", "3", "--resume"]) == 0
+    assert cli.main([*job, "--out", str(out), "--checkpoint-every", "3", "--resume"]) == 0
     a, b = final_weights(out, "badm"), final_weights(tmp_path / "ref", "badm")
     assert all(torch.equal(a[k], b[k]) for k in b)
     got, want = (json.loads((d / "results.json").read_text())["optimizers"]["badm"] for d in (out, tmp_path / "ref"))
@@ -353,14 +353,14 @@ def test_failed_checkpoint_write_in_the_job_leaves_the_previous_one(reference, t
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("small") / "run"
-    assert train.main([*SMALL, "--max-steps-per-epoch", "3", "--out", str(out), "--quiet"]) == 0
+    assert cli.main([*SMALL, "--max-steps-per-epoch", "3", "--out", str(out), "--quiet"]) == 0
     return out
 
 
 def _refused(out, extra, capsys):
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exc:
-        train.main([*SMALL, "--max-steps-per-epoch", "3", "--out", str(out), "--quiet", "--resume", *extra])
+        cli.main([*SMALL, "--max-steps-per-epoch", "3", "--out", str(out), "--quiet", "--resume", *extra])
     assert exc.value.code == 2
     assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}, "a refused resume changes no file"
     return capsys.readouterr().err
@@ -424,11 +424,11 @@ def test_load_checkpoint_checks_structure(small_run, tmp_path):
 
 def test_resume_without_checkpoints_starts_fresh_and_bad_every_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main([*SMALL, "--max-steps-per-epoch", "2", "--out", str(out), "--resume"]) == 0
+    assert cli.main([*SMALL, "--max-steps-per-epoch", "2", "--out", str(out), "--resume"]) == 0
     assert "no checkpoint of badm in" in capsys.readouterr().err
     assert (out / "final-badm.pt").is_file() and (out / "checkpoints" / "sgd.pt").is_file()
     with pytest.raises(SystemExit) as exc:
-        train.main([*SMALL, "--out", str(tmp_path / "other"), "--checkpoint-every", "-1"])
+        cli.main([*SMALL, "--out", str(tmp_path / "other"), "--checkpoint-every", "-1"])
     assert exc.value.code == 2
     assert "--checkpoint-every: must be >= 0" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from badm_fast import checkpoint, tasks, train
+from badm_fast.train import checkpoint, cli, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 ERROR = re.compile(r"^badm-train: error: \S.*$")
@@ -31,7 +31,7 @@ def _refused(argv, tmp_path, capsys) -> str:
     """Runs ``badm-train argv`` in-process; checks exit status 2, one stderr line, nothing created."""
     before = _tree(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        train.main(argv)
+        cli.main(argv)
     assert exc.value.code == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
@@ -101,7 +101,7 @@ def test_out_that_cannot_be_written_is_refused_by_the_probe(tmp_path, capsys, mo
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(train.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(cli.tempfile, "mkstemp", denied)
     line = _refused(["--out", str(tmp_path / "deep" / "run")], tmp_path, capsys)
     assert f"cannot write in {tmp_path} (Permission denied)" in line
 
@@ -197,16 +197,16 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
 
 
 def test_interrupt_message_without_a_checkpoint(tmp_path):
-    args = train.build_parser().parse_args(["--out", str(tmp_path), "--checkpoint-every", "50"])
-    line = train._interrupted({"name": "sgd"}, args, tmp_path, ["--checkpoint-every", "50", "--overwrite"])
+    args = cli.build_parser().parse_args(["--out", str(tmp_path), "--checkpoint-every", "50"])
+    line = cli._interrupted({"name": "sgd"}, args, tmp_path, ["--checkpoint-every", "50", "--overwrite"])
     assert line == (
         "badm-train: interrupted while training sgd; sgd has no checkpoint yet (the first is written at step 50; "
         "--resume starts it over); resume with: badm-train --checkpoint-every 50 --overwrite --resume"
     )
     args.checkpoint_every = 0
-    line = train._interrupted({"name": "sgd"}, args, tmp_path, [])
+    line = cli._interrupted({"name": "sgd"}, args, tmp_path, [])
     assert "no checkpoints were written (--checkpoint-every 0)" in line
-    assert "before training started" in train._interrupted({}, args, tmp_path, [])
+    assert "before training started" in cli._interrupted({}, args, tmp_path, [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_piped_stderr_gets_one_line_per_epoch_and_summary_md(tmp_path):
     summary = (out / "summary.md").read_text()
     assert summary.strip() in proc.stdout
     assert "| badm |" in summary and "| sgd |" in summary
-    assert results["config"]["threads"] == train.default_threads()
+    assert results["config"]["threads"] == cli.default_threads()
 
     quiet = subprocess.run([*cmd, "--quiet", "--overwrite"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                            timeout=300)  # fmt: skip
@@ -250,7 +250,7 @@ def test_piped_stderr_gets_one_line_per_epoch_and_summary_md(tmp_path):
 def test_progress_bar_shows_epoch_step_loss_metric_and_phase():
     pytest.importorskip("tqdm")
     buf = io.StringIO()
-    bar = train.Progress("bar", "badm", 2, 8, 0, "test_accuracy", file=buf)
+    bar = cli.Progress("bar", "badm", 2, 8, 0, "test_accuracy", file=buf)
     bar.phase("evaluating")
     bar.evaluated(0.125)
     bar.start_epoch(1, 4)
@@ -265,7 +265,7 @@ def test_progress_bar_shows_epoch_step_loss_metric_and_phase():
     with pytest.raises(ValueError, match="unknown phase"):
         bar.phase("resting")
     lines = io.StringIO()
-    quiet = train.Progress("lines", "sgd", 3, 9, 0, "test_bpc", file=lines)
+    quiet = cli.Progress("lines", "sgd", 3, 9, 0, "test_bpc", file=lines)
     quiet.start_epoch(1, 3)
     quiet.update(3)
     quiet.end_epoch(1, 1.5, 2.25, 0.5)
@@ -273,22 +273,22 @@ def test_progress_bar_shows_epoch_step_loss_metric_and_phase():
 
 
 def test_default_threads_is_half_the_usable_cores(monkeypatch):
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert train.default_threads() == 4
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert train.default_threads() == 1
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cli.default_threads() == 4
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cli.default_threads() == 1
 
 
 def test_help_has_no_doubled_defaults_and_explains_every_hyperparameter(capsys):
-    parser = train.build_parser()
+    parser = cli.build_parser()
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     for action in options:
         assert action.help, f"{action.option_strings[0]} has no help"
         assert action.help.count("(default") <= 1, action.help
     flags = {a.option_strings[0] for a in options}
-    assert {"--" + dest.replace("_", "-") for dest in train._LIMITS} <= flags
+    assert {"--" + dest.replace("_", "-") for dest in cli._LIMITS} <= flags
     with pytest.raises(SystemExit) as exc:
-        train.main(["--help"])
+        cli.main(["--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and "(default: per task) (default" not in text
@@ -320,7 +320,7 @@ def _results(task="digits", batch_size=32, epochs=6, subset=64, max_steps=3):
 @pytest.mark.parametrize("task, batch_size", [("digits", 32), ("graph", 0), ("charlm", 16)])
 def test_curves_show_every_point_and_every_series(task, batch_size):
     pytest.importorskip("matplotlib")
-    from badm_fast.plotting import curves_figure
+    from badm_fast.train.plotting import curves_figure
 
     fig = curves_figure(_results(task, batch_size))
     fig.canvas.draw()

@@ -385,7 +385,7 @@ def test_training_job_runs_distributed(tmp_path):
     (4 sub-batches) of the same job, and only rank 0 writes."""
     if not HAVE_GLOO:
         pytest.skip("torch.distributed with gloo is not available")
-    from badm_fast import train
+    from badm_fast.train import cli
 
     job = ["--task", "digits", "--subset", "256", "--batch-size", "32", "--epochs", "2", "--optimizers", "badm,sgd"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -406,7 +406,7 @@ def test_training_job_runs_distributed(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["distributed"] is True and res["config"]["world_size"] == 2
 
-    assert train.main([*job, "--sub-batches", "4", "--out", str(tmp_path / "single"), "--threads", "1", "--quiet"]) == 0
+    assert cli.main([*job, "--sub-batches", "4", "--out", str(tmp_path / "single"), "--threads", "1", "--quiet"]) == 0
     single = json.loads((tmp_path / "single" / "results.json").read_text())
     for name in ("badm", "sgd"):
         d, s = res["optimizers"][name]["epochs"], single["optimizers"][name]["epochs"]
@@ -423,7 +423,7 @@ def test_distributed_job_exits_cleanly_fresh_and_after_sigkill_resume(tmp_path):
     fresh ``torchrun`` job, and a job SIGKILLed mid-run then resumed. Every job exits 0, its output
     shows no abort and no warning that the process group outlived ``destroy_process_group`` (the
     gloo worker threads of such a group can abort the interpreter's exit, see
-    badm_fast/train.py::_shutdown_distributed), and the resumed run ends with the fresh run's
+    badm_fast/train/cli.py::_shutdown_distributed), and the resumed run ends with the fresh run's
     weights. The long soak: ``python bench/soak_distributed.py --runs 50 --load 3 --starve``."""
     if not HAVE_GLOO:
         pytest.skip("torch.distributed with gloo is not available")

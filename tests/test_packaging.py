@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # what the sdist must hold: every source-tree file matching these patterns (relative to ROOT)
 REQUIRED_PATTERNS = [
+    "badm_fast/*.py",
+    "badm_fast/train/*.py",
     "csrc/**/*.h",
     "csrc/**/*.cpp",
     "csrc/cuda/*",
@@ -40,6 +42,8 @@ REQUIRED_FILES = [
     "MANIFEST.in",
     "badm_fast/py.typed",
     "badm_fast/_version.py",
+    "badm_fast/train/__init__.py",
+    "badm_fast/train/__main__.py",
     "tests/conftest.py",
     "tests/parity.py",
 ]
@@ -125,8 +129,9 @@ def test_sdist_and_wheel(tmp_path):
         info = f"badm_fast-{version}.dist-info/"
         entry_points = zf.read(info + "entry_points.txt").decode()
         wheel_meta = email.parser.Parser().parsestr(zf.read(info + "METADATA").decode())
-    for name in ("badm_fast/py.typed", "badm_fast/_version.py", "badm_fast/train.py", "badm_fast/kernels/__init__.py",
-                 "badm_fast/kernels/badm_triton.py", info + "licenses/LICENSE"):  # fmt: skip
+    package = {p.relative_to(ROOT).as_posix() for p in ROOT.glob("badm_fast/**/*.py") if "__pycache__" not in p.parts}
+    for name in sorted(package) + ["badm_fast/py.typed", "badm_fast/kernels/__init__.py",
+                                   "badm_fast/kernels/badm_triton.py", info + "licenses/LICENSE"]:  # fmt: skip
         assert name in contents, f"the wheel lacks {name}"
     assert not [n for n in contents if n.startswith(("tests/", "bench/", "csrc/"))]
     assert "badm-train = badm_fast.train:main" in entry_points

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import badm_fast
-from badm_fast import tasks, train
-from badm_fast.qhm import QHM
+from badm_fast.train import cli, tasks
+from badm_fast.train.qhm import QHM
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ SMOKE = {
 
 def run_job(tmp_path, *argv):
     out = tmp_path / "run"
-    code = train.main([*argv, "--out", str(out), "--quiet", "--threads", "2"])
+    code = cli.main([*argv, "--out", str(out), "--quiet", "--threads", "2"])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -113,11 +113,11 @@ def test_existing_out_dir_is_refused(tmp_path, capsys):
     (out / "keep.txt").write_text("old")
     argv = ["--task", "graph", "--optimizers", "sgd", "--epochs", "1", "--out", str(out), "--quiet"]
     with pytest.raises(SystemExit) as exc:
-        train.main(argv)
+        cli.main(argv)
     assert exc.value.code == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert train.main([*argv, "--overwrite"]) == 0
+    assert cli.main([*argv, "--overwrite"]) == 0
     assert (out / "results.json").is_file() and (out / "keep.txt").read_text() == "old"
 
 
@@ -127,7 +127,7 @@ def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch, capsys):
         tasks.load_fashion_mnist()
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
-        train.main(["--task", "fashion-mnist", "--out", str(out), "--quiet"])
+        cli.main(["--task", "fashion-mnist", "--out", str(out), "--quiet"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "dataset-fashion-mnist" in err and "train-images-idx3-ubyte.gz" in err
@@ -149,29 +149,29 @@ def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch, capsys):
 )
 def test_bad_arguments_are_refused(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        train.main([*argv, "--out", str(tmp_path / "run")])
+        cli.main([*argv, "--out", str(tmp_path / "run")])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 def test_epoch_batches_are_seeded_permutations():
-    a = train.epoch_batches(103, 10, seed=3, epoch=1)
+    a = cli.epoch_batches(103, 10, seed=3, epoch=1)
     assert [len(b) for b in a] == [10] * 10 + [3]
     assert torch.equal(torch.cat(a).sort().values, torch.arange(103))
-    assert all(torch.equal(x, y) for x, y in zip(a, train.epoch_batches(103, 10, seed=3, epoch=1)))
-    assert not torch.equal(torch.cat(a), torch.cat(train.epoch_batches(103, 10, seed=3, epoch=2)))
-    assert not torch.equal(torch.cat(a), torch.cat(train.epoch_batches(103, 10, seed=4, epoch=1)))
-    assert [len(b) for b in train.epoch_batches(103, 0, seed=3, epoch=1)] == [103]
-    assert len(train.epoch_batches(103, 10, seed=3, epoch=1, max_steps=4)) == 4
+    assert all(torch.equal(x, y) for x, y in zip(a, cli.epoch_batches(103, 10, seed=3, epoch=1)))
+    assert not torch.equal(torch.cat(a), torch.cat(cli.epoch_batches(103, 10, seed=3, epoch=2)))
+    assert not torch.equal(torch.cat(a), torch.cat(cli.epoch_batches(103, 10, seed=4, epoch=1)))
+    assert [len(b) for b in cli.epoch_batches(103, 0, seed=3, epoch=1)] == [103]
+    assert len(cli.epoch_batches(103, 10, seed=3, epoch=1, max_steps=4)) == 4
 
 
 def test_atomic_open_keeps_the_old_file_on_error(tmp_path):
     path = tmp_path / "results.json"
-    with train.atomic_open(path, "w") as f:
+    with cli.atomic_open(path, "w") as f:
         f.write("first")
     with pytest.raises(RuntimeError, match="boom"):
-        with train.atomic_open(path, "w") as f:
+        with cli.atomic_open(path, "w") as f:
             f.write("half")
             raise RuntimeError("boom")
     assert path.read_text() == "first"

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=f"{kernel
 if kernels.triton_available():
     import triton
     import triton.language as tl
+
     from badm_fast.kernels.badm_triton import _to_storage
 
     @triton.jit

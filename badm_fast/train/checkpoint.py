@@ -11,7 +11,7 @@ rest of the run depends on:
   from rank to rank (:func:`badm_fast.distributed.gather_state_dict`), else one entry;
 - ``rng``: per rank, the torch CPU generator state and, on CUDA, the device generator state
   (dropout and sampling noise). The data order needs none: every epoch's permutation comes from
-  its own generator seeded by ``(seed, epoch)`` (:func:`badm_fast.train.epoch_batches`), and the
+  its own generator seeded by ``(seed, epoch)`` (:func:`badm_fast.train.cli.epoch_batches`), and the
   job draws nothing from Python's ``random`` or numpy;
 - ``progress``: the epoch in progress, the steps done in it and in the whole run, the epoch's
   partial training-loss sums, the training time so far, and whether the run is finished;
@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .distributed import to_cpu
+from badm_fast.distributed import to_cpu
 
 __all__ = [
     "FORMAT",
@@ -313,7 +313,7 @@ class RunCheckpoint:
     """The checkpoints of one optimizer's run (from :meth:`Checkpointer.begin`).
 
     ``restore()`` continues from the checkpoint under ``--resume``; ``after_step`` (the
-    ``on_step`` hook of :func:`badm_fast.train.train_epoch`), ``end_epoch`` and ``finish`` keep
+    ``on_step`` hook of :func:`badm_fast.train.cli.train_epoch`), ``end_epoch`` and ``finish`` keep
     :attr:`state` up to date and save when due.
     """
 

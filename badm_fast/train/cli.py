@@ -25,7 +25,7 @@ each chunk's loss is backpropagated into its own gradient row (``opt.sub_batch(s
 fused step aggregates them, weighted by the chunk sizes. The loop is reusable:
 :func:`train_epoch` takes any model, optimizer, loss function and iterable of batches.
 
-Checkpoints (``--checkpoint-every``, ``--resume``; see :mod:`badm_fast.checkpoint`): each
+Checkpoints (``--checkpoint-every``, ``--resume``; see :mod:`badm_fast.train.checkpoint`): each
 optimizer's model, optimizer and RNG states, progress and results so far are saved atomically to
 ``OUT/checkpoints/<optimizer>.pt``; ``--resume`` continues to the same final weights as an
 uninterrupted run, which also go to ``OUT/final-<optimizer>.pt``.
@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 import torch.distributed as _dist
 
-from badm_fast import checkpoint as _checkpoint
-from badm_fast import tasks as _tasks
+from badm_fast.train import checkpoint as _checkpoint
+from badm_fast.train import tasks as _tasks
 
 __all__ = [
     "OPTIMIZERS",
@@ -175,7 +175,7 @@ def make_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
     if name == "qhm":
-        from badm_fast.qhm import QHM
+        from badm_fast.train.qhm import QHM
 
         return QHM(params, lr=hp["lr"], beta=hp["beta"], nu=hp["nu"])
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -365,7 +365,7 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, progress: s
 
     Returns ``(record, model)``: the per-epoch record of ``results.json`` and the trained model.
     ``progress``: ``"bar"``, ``"lines"`` or ``"off"`` (see :class:`Progress`). ``checkpoints`` (a
-    :class:`badm_fast.checkpoint.Checkpointer`, optional) saves the run as it goes and, under
+    :class:`badm_fast.train.checkpoint.Checkpointer`, optional) saves the run as it goes and, under
     ``--resume``, continues it from its checkpoint.
     """
     torch.manual_seed(args.seed)
@@ -604,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         "other optimizers run under DistributedDataParallel; rank 0 writes the outputs",
     )
     g = p.add_argument_group(
-        "hyperparameters", "every value must be finite; unset, each takes its task's default (badm_fast/tasks.py)"
+        "hyperparameters", "every value must be finite; unset, each takes its task's default (badm_fast/train/tasks.py)"
     )
     for dest, (_, _, _, what) in _LIMITS.items():
         g.add_argument(
@@ -925,7 +925,7 @@ def _run(args, parser, argv, task_cls, hps, out: Path, where: dict) -> int:
     if not lead:
         return 0
 
-    from badm_fast.plotting import plot_curves, plot_samples
+    from badm_fast.train.plotting import plot_curves, plot_samples
 
     with atomic_open(out / "curves.png", "wb") as f:
         plot_curves(results, f)
@@ -939,7 +939,3 @@ def _run(args, parser, argv, task_cls, hps, out: Path, where: dict) -> int:
     written = ["results.json", "curves.png", "summary.md"] + (["samples.png"] if samples else [])
     print(f"wrote {', '.join(str(out / n) for n in written)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,8 +32,8 @@ def _figure(**kwargs):
 
 
 def _task_attribute(task: str, name: str):
-    """An attribute of ``badm_fast.tasks.TASKS[task]`` (for results.json files written before it was recorded)."""
-    from badm_fast import tasks
+    """An attribute of ``badm_fast.train.tasks.TASKS[task]`` (for results.json files written before it was recorded)."""
+    from badm_fast.train import tasks
 
     return getattr(tasks.TASKS.get(task), name, None)
 
