@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence, Set
@@ -1179,7 +1180,7 @@ class BADM(Optimizer):
         """torch.optim-compatible state (its hooks run in torch's order): per-parameter ``duals``
         under the parameter's index, the param groups (lr/momentum, and rho/sigma beside them),
         ``param_names`` where the groups have names, and BADM's metadata under ``"badm"`` (versioned).
-        The metadata is repeated in every param group (key ``"badm"``) so that tools which keep only
+        The metadata is repeated in every param group (key ``"badm"``, as a JSON string) so that tools which keep only
         ``"state"`` and ``"param_groups"`` (``torch.distributed.checkpoint.state_dict``) carry it; on
         load the top-level copy wins where both are present."""
         self._report_pending(wait=True)
@@ -1211,8 +1212,8 @@ class BADM(Optimizer):
             "merged_alpha": list(self._merged_alpha) if self._merged_alpha is not None else None,
             "alpha": list(self._last_alpha) if self._last_alpha is not None else None,
         }
-        for packed in groups:
-            packed["badm"] = dict(meta)
+        for packed in groups:  # one string: a leaf of the same shape whatever the step (DCP's flattening)
+            packed["badm"] = json.dumps(meta)
         state_dict = {"state": state, "param_groups": groups, "badm": meta}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
@@ -1243,9 +1244,16 @@ class BADM(Optimizer):
         meta = state_dict.get("badm")
         if meta is None:  # a state that kept only 'state' and 'param_groups' (e.g. DCP): the groups' copies
             metas = [sg.get("badm") for sg in state_dict["param_groups"] if isinstance(sg, dict)]
-            meta = metas[0] if metas else None
-            if any(m != meta for m in metas):
+            if any(m != metas[0] for m in metas):
                 raise ValueError("the param groups of the state carry different 'badm' metadata")
+            meta = metas[0] if metas else None
+            if isinstance(meta, str):
+                try:
+                    meta = json.loads(meta)
+                except ValueError:
+                    raise ValueError(
+                        f"the 'badm' metadata of the state's param groups is not JSON: {meta[:80]!r}"
+                    ) from None
         if not isinstance(meta, dict):
             raise ValueError("not a BADM state_dict (no 'badm' metadata)")
         meta = dict(meta)  # annotated below; the caller's dict stays as it was

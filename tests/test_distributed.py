@@ -379,10 +379,13 @@ def test_distributed(reports, scenario):
     ranks.assert_scenario_passed(reports, scenario)
 
 
-def test_training_job_runs_distributed(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["process-group", "fsdp"])
+def test_training_job_runs_distributed(tmp_path, fsdp):
     """``torchrun --nproc_per_node=2 -m badm_fast.train --distributed``: every batch is split
     over the ranks; BADM (2 ranks x 2 sub-batches) and DDP + SGD follow the single-process run
-    (4 sub-batches) of the same job, and only rank 0 writes."""
+    (4 sub-batches) of the same job, and only rank 0 writes. With ``--fsdp`` the model is
+    sharded (FSDP2): the ranks share each of BADM's 2 sub-batches, and BADM and SGD follow the
+    single-process run with 2 sub-batches."""
     if not HAVE_GLOO:
         pytest.skip("torch.distributed with gloo is not available")
     from badm_fast.train import cli
@@ -394,8 +397,9 @@ def test_training_job_runs_distributed(tmp_path):
     run = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
     run += ["--master_addr=127.0.0.1", f"--master_port={ranks.free_port()}", "-m", "badm_fast.train", "--distributed"]
     out = tmp_path / "distributed"
+    mode = ["--fsdp"] if fsdp else []
     done = subprocess.run(
-        [*run, *job, "--sub-batches", "2", "--out", str(out), "--threads", "1", "--quiet"],
+        [*run, *mode, *job, "--sub-batches", "2", "--out", str(out), "--threads", "1", "--quiet"],
         env=env, cwd=root, capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -405,8 +409,12 @@ def test_training_job_runs_distributed(tmp_path):
     assert done.stdout.count("| badm |") == 1, "only rank 0 prints the summary"
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["distributed"] is True and res["config"]["world_size"] == 2
+    assert res["config"]["fsdp"] is fsdp
+    assert "process group is still referenced" not in done.stderr
 
-    assert cli.main([*job, "--sub-batches", "4", "--out", str(tmp_path / "single"), "--threads", "1", "--quiet"]) == 0
+    single_s = "2" if fsdp else "4"
+    assert cli.main([*job, "--sub-batches", single_s, "--out", str(tmp_path / "single"), "--threads", "1",
+                     "--quiet"]) == 0  # fmt: skip
     single = json.loads((tmp_path / "single" / "results.json").read_text())
     for name in ("badm", "sgd"):
         d, s = res["optimizers"][name]["epochs"], single["optimizers"][name]["epochs"]

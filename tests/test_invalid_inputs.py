@@ -606,7 +606,10 @@ CASES = [
          setup=_sd(lambda sd: [g.pop("badm") for g in [sd, *sd["param_groups"]]])),
     Case("load-groups-badm-differ", _load, ValueError, "param groups of the state carry different 'badm' metadata",
          GROUPS,
-         setup=_sd(lambda sd: (sd.pop("badm"), sd["param_groups"][-1]["badm"].update(step=99)))),
+         setup=_sd(lambda sd: (sd.pop("badm"), sd["param_groups"][-1].update(
+             badm=sd["param_groups"][-1]["badm"].replace('"step": ', '"step": 99'))))),
+    Case("load-groups-badm-not-json", _load, ValueError, "'badm' metadata of the state's param groups is not JSON",
+         setup=_sd(lambda sd: (sd.pop("badm"), [g.update(badm="{oops") for g in sd["param_groups"]]))),
     Case("load-badm-not-dict", _load, ValueError, "not a BADM state_dict", setup=_sd(lambda sd: sd.update(badm=3))),
     Case("load-torch-optim-state", _load, ValueError, "not a BADM state_dict",
          setup=lambda c: setattr(c, "sd", torch.optim.SGD(c.model.parameters(), lr=0.1).state_dict())),

@@ -58,8 +58,11 @@ __all__ = [
     "atomic_open",
     "atomic_save",
     "load",
+    "is_sharded",
     "load_checkpoint",
+    "load_states",
     "model_state",
+    "optimizer_state",
     "rng_state",
     "run_config",
     "set_rng_state",
@@ -169,10 +172,60 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     return ckpt
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was sharded with FSDP2 (its parameters are DTensors)."""
+    from badm_fast.layout import is_dtensor
+
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def model_state(model: torch.nn.Module) -> dict:
-    """The model's ``state_dict`` as standalone CPU tensors (BADM's parameters are views into
-    one flat buffer; a copy keeps the file to the model's own tensors)."""
+    """The model's ``state_dict`` as standalone CPU tensors (a copy: the file holds the model's
+    own tensors, not storages they share). For an FSDP2 model the whole, gathered state
+    (``torch.distributed.checkpoint.state_dict``; a collective: every rank calls it; ranks
+    other than 0 get an empty dict)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=_full_options())
+        return {k: v.detach().to("cpu", copy=True) for k, v in full.items()}
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's ``state_dict`` on the CPU; for an FSDP2 model the whole, gathered state,
+    keyed by parameter names (a collective; ranks other than 0 get an empty dict)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return to_cpu(get_optimizer_state_dict(model, optimizer, options=_full_options()))
+    return to_cpu(optimizer.state_dict())
+
+
+def load_states(model: torch.nn.Module, optimizer, model_sd: dict, optimizer_sd: dict | None) -> None:
+    """Loads what :func:`model_state` and :func:`optimizer_state` gave (``optimizer_sd`` None: the
+    model only); an FSDP2 model takes the whole states and keeps its shards of them."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=options)
+        if optimizer_sd is not None:
+            set_optimizer_state_dict(model, optimizer, optimizer_sd, options=options)
+        return
+    model.load_state_dict(model_sd)
+    if optimizer_sd is not None:
+        optimizer.load_state_dict(optimizer_sd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +315,8 @@ def run_config(args: Any, name: str, hp: dict) -> dict:
     config.update({f"{name}_{key}": value for key, value in hp.items()})  # e.g. badm_sigma, sgd_lr
     if name == "badm":
         config["badm_mode"] = args.badm_mode
+    if getattr(args, "fsdp", False):
+        config["fsdp"] = True
     return config
 
 
@@ -343,10 +398,10 @@ class RunCheckpoint:
         progress = ckpt["progress"]
         rank, world = self.owner.rank, self.config.get("world_size", 1)
         try:
-            self.model.load_state_dict(ckpt["model"])
+            states = ckpt["optimizer"]
+            mine = None if progress["finished"] else (states[rank] if len(states) > 1 else states[0])
+            load_states(self.model, self.optimizer, ckpt["model"], mine)
             if not progress["finished"]:
-                states = ckpt["optimizer"]
-                self.optimizer.load_state_dict(states[rank] if len(states) > 1 else states[0])
                 if len(ckpt["rng"]) != world:
                     raise ValueError(f"it holds the RNG states of {len(ckpt['rng'])} processes, this job has {world}")
                 set_rng_state(ckpt["rng"][rank], self.device)
@@ -414,13 +469,17 @@ class RunCheckpoint:
 
     def _save(self, progress: dict) -> None:
         distributed = self.config.get("world_size", 1) > 1
+        sharded = is_sharded(self.model)
         if distributed and getattr(self.optimizer, "process_group", None) is not None:
             from badm_fast.distributed import gather_state_dict
 
             gathered = gather_state_dict(self.optimizer)  # every rank's duals, on rank 0
             optimizer = gathered["ranks"] if gathered is not None else None
+        elif sharded:  # FSDP2: the whole states, gathered on rank 0 (a collective)
+            optimizer = [optimizer_state(self.model, self.optimizer)]
         else:  # one state: a single process, or DDP, where every rank holds the same one
-            optimizer = [to_cpu(self.optimizer.state_dict())] if self.owner.write else None
+            optimizer = [optimizer_state(self.model, self.optimizer)] if self.owner.write else None
+        model = model_state(self.model) if sharded or self.owner.write else None
         rng = _gather_rng(rng_state(self.device)) if distributed else [rng_state(self.device)]
         if not self.owner.write:
             return
@@ -428,7 +487,7 @@ class RunCheckpoint:
             "format": FORMAT,
             "version": VERSION,
             "config": self.config,
-            "model": model_state(self.model),
+            "model": model,
             "optimizer": optimizer,
             "rng": rng,
             "progress": progress,
@@ -485,8 +544,13 @@ class Checkpointer:
         return RunCheckpoint(self, name, hp, model, optimizer, device)
 
     def save_final(self, name: str, model: torch.nn.Module) -> None:
-        """``out/final-<name>.pt``: the trained model's ``state_dict``."""
-        if self.write:
+        """``out/final-<name>.pt``: the trained model's ``state_dict`` (for an FSDP2 model a
+        collective: every rank calls this)."""
+        if is_sharded(model):
+            state = model_state(model)
+            if self.write and self.dir is not None:
+                atomic_save(state, self.final_path(name))
+        elif self.write:
             atomic_save(model_state(model), self.final_path(name))
 
     def notice(self, message: str) -> None:

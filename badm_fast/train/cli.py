@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import importlib
 import json
@@ -200,6 +201,64 @@ def train_step(model, opt, loss_fn, inputs, targets) -> float:
     return loss.item()
 
 
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``--fsdp``: FSDP2 over the job's process group: every child module that holds parameters,
+    then the whole model (its parameters become DTensors sharded over the ranks)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model
+
+
+def fsdp_train_step(model, opt, loss_fn, inputs, targets, *, rank: int, world: int) -> float:
+    """One step of a model sharded by :func:`shard_model` on the whole batch (every rank has it).
+
+    Sub-batch ``s`` of the batch (``tensor_split`` into BADM's sub-batches, or one for the other
+    optimizers) is split over the ranks; rank ``r`` runs the forward and backward pass of its part.
+    FSDP averages the ranks' gradients, so each rank's loss is scaled by its share of the
+    sub-batch times the number of ranks: the average is then the gradient of the sub-batch's
+    mean loss (the scale is exactly 1 where the parts are equal). BADM steps with the sub-batch
+    sizes as weights, so the run follows the single-process run with the same sub-batches.
+    Returns the batch's mean loss (over all ranks).
+    """
+    from badm_fast import BADM
+
+    badm = isinstance(opt, BADM)
+    S = opt.sub_batches if badm else 1
+    merged = badm and opt.mode == "merged"
+    parts = list(zip(inputs.tensor_split(S), targets.tensor_split(S)))
+    opt.zero_grad(set_to_none=True)
+
+    def backward(x, y, n_global):
+        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        loss = loss_fn(model(xs), ys)
+        (loss * (ys.shape[0] * world / n_global)).backward()
+        return loss.detach() * ys.shape[0]
+
+    if merged or not badm:
+        # the rank's parts of every sub-batch in one pass (merged BADM: the same sub-batches' samples)
+        xs = torch.cat([x.tensor_split(world)[rank] for x, _ in parts])
+        ys = torch.cat([y.tensor_split(world)[rank] for _, y in parts])
+        loss = loss_fn(model(xs), ys)
+        (loss * (ys.shape[0] * world / targets.shape[0])).backward()
+        local = loss.detach() * ys.shape[0]
+    else:
+        local = 0.0
+        for s, (x, y) in enumerate(parts):
+            with opt.sub_batch(s):
+                local = local + backward(x, y, y.shape[0])
+    if badm and not merged:
+        opt.step(weights=[float(y.shape[0]) for _, y in parts])
+    else:  # merged: equal weights, as split_step
+        opt.step()
+    total = torch.as_tensor(local, dtype=torch.float64).reshape(1).clone()
+    _dist.all_reduce(total)
+    return float(total) / targets.shape[0]
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, max_steps: int | None = None):
     """Index batches of one epoch: a permutation of ``range(n)`` seeded by ``(seed, epoch)``.
 
@@ -216,18 +275,22 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, max_steps: int
     return batches
 
 
-def train_epoch(model, opt, loss_fn, batches, progress=None, reduce=None, on_step=None, start=(0.0, 0)) -> float:
+def train_epoch(
+    model, opt, loss_fn, batches, progress=None, reduce=None, on_step=None, start=(0.0, 0), step_fn=None
+) -> float:
     """Trains one epoch over ``batches`` (an iterable of ``(inputs, targets)``).
 
     Returns the sample-weighted mean training loss of the epoch. ``reduce(loss, n)`` (optional)
     maps a step's local mean loss and sample count to those of all ranks. ``on_step(total,
     count)`` (optional) runs after every step with the epoch's loss sums so far; ``start``: the
-    sums of steps taken before (an epoch resumed from a checkpoint).
+    sums of steps taken before (an epoch resumed from a checkpoint). ``step_fn``: the step
+    (default :func:`train_step`; :func:`fsdp_train_step` for a sharded model).
     """
     model.train()
     total, count = start
+    step_fn = step_fn or train_step
     for inputs, targets in batches:
-        loss = train_step(model, opt, loss_fn, inputs, targets)
+        loss = step_fn(model, opt, loss_fn, inputs, targets)
         n = inputs.shape[0]
         if reduce is not None:
             loss, n = reduce(loss, n)
@@ -371,10 +434,13 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, progress: s
     torch.manual_seed(args.seed)
     model = task.build_model().to(task.device)
     model.load_state_dict(init_state)
-    group = _dist.group.WORLD if args.distributed else None
+    fsdp = getattr(args, "fsdp", False)
+    if fsdp:
+        shard_model(model)
+    group = _dist.group.WORLD if args.distributed and not fsdp else None
     opt = make_optimizer(name, model.parameters(), hp, args.sub_batches, args.badm_backend, args.badm_mode, group)
     train_model = model
-    if args.distributed and name != "badm":  # BADM aggregates the ranks itself; the others average gradients
+    if args.distributed and not fsdp and name != "badm":  # BADM aggregates the ranks itself; the others average
         ids = [task.device.index] if task.device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     torch.manual_seed(args.seed + 1)  # dropout and sampling noise: the same stream for every optimizer
@@ -383,11 +449,16 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, progress: s
         epoch_batches(task.n_train, args.batch_size, args.seed, e, args.max_steps_per_epoch)
         for e in range(1, args.epochs + 1)
     ]
-    if args.distributed:  # each rank takes its share of every batch (too small a last batch is dropped)
+    step_fn, reduce = train_step, None
+    if args.distributed:  # too small a last batch is dropped: every rank needs a sample of every sub-batch
         least = args.world_size * args.sub_batches
-        schedules = [[b.tensor_split(args.world_size)[args.rank] for b in bs if len(b) >= least] for bs in schedules]
+        schedules = [[b for b in bs if len(b) >= least] for bs in schedules]
+        if fsdp:  # every rank reads the whole batch and takes its share of each sub-batch (fsdp_train_step)
+            step_fn = functools.partial(fsdp_train_step, rank=args.rank, world=args.world_size)
+        else:  # each rank takes its share of every batch
+            schedules = [[b.tensor_split(args.world_size)[args.rank] for b in bs] for bs in schedules]
+            reduce = _mean_over_ranks
     total_steps = sum(len(b) for b in schedules)
-    reduce = _mean_over_ranks if args.distributed else None
 
     # checkpoints: under --resume the model, optimizer and RNG states are loaded in place and the
     # run state (epoch, step, results so far) comes from the checkpoint
@@ -417,7 +488,7 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, progress: s
             ckpt.start_epoch(elapsed, cpu)
             try:
                 start = (state.total, state.count)
-                loss = train_epoch(train_model, opt, task.loss_fn, data, bar, reduce, ckpt.after_step, start)
+                loss = train_epoch(train_model, opt, task.loss_fn, data, bar, reduce, ckpt.after_step, start, step_fn)
             except FloatingPointError as e:  # a result, not a crash: record it and go on with the next optimizer
                 record.update(diverged=True, diverged_at_epoch=epoch, error=str(e))
                 break
@@ -487,11 +558,29 @@ def _shutdown_distributed() -> None:
     if world() is not None:
         gc.collect()  # a reference cycle (e.g. an optimizer holding the group) is freed here
     if world() is not None:
+        _release_device_meshes()
+    if world() is not None:
         print(
             f"badm-train: warning: rank {os.environ.get('RANK', '?')}: the process group is still referenced after "
             "destroy_process_group; its worker threads may abort this process at exit",
             file=sys.stderr,
         )
+
+
+def _release_device_meshes() -> None:
+    """Drops the process groups that DeviceMesh objects still hold after destroy_process_group.
+
+    ``fully_shard`` (``--fsdp``) builds a default DeviceMesh that torch keeps after the model is
+    gone; a mesh holds its groups in a dict of ``ProcessGroup`` objects, which the garbage
+    collector does not see (pybind objects are not tracked), so the WORLD group would outlive
+    the job. The groups are destroyed already: nothing may use those meshes any more."""
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
 
 
 def _mean_over_ranks(loss: float, n: int) -> tuple[float, int]:
@@ -603,6 +692,13 @@ def build_parser() -> argparse.ArgumentParser:
         "is split across the ranks, BADM aggregates the sub-batches of all ranks (--sub-batches per rank), the "
         "other optimizers run under DistributedDataParallel; rank 0 writes the outputs",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --distributed: shard the model with FSDP2 (fully_shard) instead; every optimizer steps its "
+        "shards, the ranks share every sub-batch (--sub-batches in all) and the run follows the single-process "
+        "one; checkpoints hold the full (gathered) model and optimizer states",
+    )
     g = p.add_argument_group(
         "hyperparameters", "every value must be finite; unset, each takes its task's default (badm_fast/train/tasks.py)"
     )
@@ -646,6 +742,8 @@ def _resolve(args, parser, task_cls) -> dict:
         args.batch_size = defaults["batch_size"]
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.fsdp and not args.distributed:
+        parser.error("--fsdp shards the model over the ranks of a torchrun job: add --distributed")
     if args.sub_batches < 1:
         parser.error(f"--sub-batches must be >= 1, got {args.sub_batches}")
     if args.batch_size < 0:
@@ -906,21 +1004,28 @@ def _run(args, parser, argv, task_cls, hps, out: Path, where: dict) -> int:
         where["name"] = name
         record, model = run_optimizer(task, name, hps[name], args, init_state, progress, checkpoints)
         results["optimizers"][name] = record
+        if getattr(args, "fsdp", False):  # gathering the sharded model and sampling from it: every rank
+            checkpoints.save_final(name, model)
+            if not record["diverged"] and hasattr(task, "samples"):
+                model.eval()
+                samples[name] = task.samples(model)
         if not lead:
             continue
-        checkpoints.save_final(name, model)
+        if not getattr(args, "fsdp", False):
+            checkpoints.save_final(name, model)
         if record["diverged"]:
             print(
                 f"badm-train: {name} diverged in epoch {record['diverged_at_epoch']}: {record['error']}",
                 file=sys.stderr,
             )
-        elif hasattr(task, "samples"):
+        elif hasattr(task, "samples") and name not in samples:
             model.eval()
             samples[name] = task.samples(model)
         with atomic_open(out / "results.json", "w") as f:  # after every optimizer: a long run keeps its progress
             json.dump(results, f, indent=2)
     where["name"] = None
     if args.distributed:
+        model = None  # an FSDP2 model's state holds the process group: let it go first
         _shutdown_distributed()
     if not lead:
         return 0
