@@ -21,6 +21,7 @@ Exit status: 0 when every run was clean.
 
     python bench/soak_distributed.py --runs 50 --load 3 --starve   # 15-30 s a run on 2 shared cores
     python bench/soak_distributed.py --runs 4 --keep /tmp/soak      # keep every run's directory
+    python bench/soak_distributed.py --runs 50 --load 3 --starve --fsdp   # the same, the model sharded (FSDP2)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ JOB = [
 # a job writes 18 checkpoints (each optimizer: one per step and one at its end); the SIGKILL comes right
 # after the k-th, k drawn from this range (BADM's 9 first, then SGD's)
 KILL_AFTER = (1, 16)
+MODE: list[str] = []  # ["--fsdp"]: the jobs shard the model with FSDP2 (soak(fsdp=True))
 # signs of an unclean exit in a job's output; the last one is badm-train's own warning that the process
 # group outlived destroy_process_group (its gloo worker threads can then abort the interpreter's exit)
 ABORT_SIGNS = (
@@ -125,7 +127,7 @@ def start_job(out: Path, *extra: str, log: Path, nproc: int = 2) -> subprocess.P
     """Starts one torchrun job writing to ``out`` (its output into ``log``), in a session of its own."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}"]
     cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "badm_fast.train", "--distributed"]
-    cmd += [*JOB, "--out", str(out), *extra]
+    cmd += [*JOB, *MODE, "--out", str(out), *extra]
     with open(log, "w") as f:
         proc = subprocess.Popen(
             cmd, cwd=out.parent, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
@@ -231,9 +233,11 @@ def soak(
     seed: int = 0,
     starve: bool = False,
     echo=print,
+    fsdp: bool = False,
 ):
     """Runs ``runs`` jobs (fresh and resumed alternately); returns (outcomes, failures)."""
     global STARVER
+    MODE[:] = ["--fsdp"] if fsdp else []
     burners = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(load)]
     if starve and os.path.isdir("/proc"):
         STARVER = Starver()
@@ -297,14 +301,16 @@ def main(argv=None) -> int:
         help="renice the jobs' gloo worker threads to 19 (Linux): with --load, a worker is often descheduled right "
         "after a collective, which widens the window of the exit race",
     )
+    p.add_argument("--fsdp", action="store_true", help="the jobs run with --fsdp (the model sharded with FSDP2)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: still kill the load processes (finally)
-    outcomes, failures = soak(args.runs, args.load, args.keep, args.timeout, args.seed, args.starve)
+    outcomes, failures = soak(args.runs, args.load, args.keep, args.timeout, args.seed, args.starve, fsdp=args.fsdp)
     fresh = sum(o["kind"] == "fresh" for o in outcomes)
     mid = sum(bool(o.get("mid_run")) for o in outcomes)
     print(
         f"{len(outcomes) - len(failures)}/{len(outcomes)} runs clean ({fresh} fresh, {len(outcomes) - fresh} "
         f"resumed, {mid} of them killed mid-run), load {args.load}" + (", gloo workers starved" if args.starve else "")
+        + (", FSDP2" if args.fsdp else "")
     )
     for f in failures:
         print(f"run {f['run'] + 1} ({f['kind']}): {f['why']}; its directory: {f['log'].parent}")

@@ -426,7 +426,8 @@ def test_training_job_runs_distributed(tmp_path, fsdp):
 
 
 @pytest.mark.slow
-def test_distributed_job_exits_cleanly_fresh_and_after_sigkill_resume(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["process-group", "fsdp"])
+def test_distributed_job_exits_cleanly_fresh_and_after_sigkill_resume(tmp_path, fsdp):
     """bench/soak_distributed.py with 2 runs (about 20 s; gloo workers reniced, no extra load): a
     fresh ``torchrun`` job, and a job SIGKILLed mid-run then resumed. Every job exits 0, its output
     shows no abort and no warning that the process group outlived ``destroy_process_group`` (the
@@ -442,7 +443,7 @@ def test_distributed_job_exits_cleanly_fresh_and_after_sigkill_resume(tmp_path):
     finally:
         sys.path.remove(bench)
     lines = []
-    outcomes, failures = soak_distributed.soak(2, keep=tmp_path, starve=True, echo=lines.append)
+    outcomes, failures = soak_distributed.soak(2, keep=tmp_path, starve=True, echo=lines.append, fsdp=fsdp)
     assert [o["kind"] for o in outcomes] == ["fresh", "resumed"]
     assert outcomes[1]["mid_run"], "the SIGKILL came after the job had trained everything"
     assert not failures, "\n".join(lines)
