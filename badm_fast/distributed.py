@@ -3,26 +3,41 @@ r"""Distributed BADM: the sub-batches of one step live on different ranks of a p
 ``badm_fast.BADM(params, sub_batches=S_r, process_group=pg)`` on every rank of ``pg``. Every
 rank holds the same global weights :math:`z` and its own ``S_r`` sub-batches: their gradient
 rows and their duals :math:`\pi_s`. ``step(weights=...)`` takes this rank's sub-batch weights
-(e.g. sizes); they are normalised over all ranks, :math:`\alpha_s = w_s / \sum_{\text{all
-ranks}} w`. The default weight of a sub-batch is 1, so by default every sub-batch of every
-rank weighs the same.
+(e.g. sizes; or give each one to ``sub_batch(s, weight=w)``); they are normalised over all
+ranks, :math:`\alpha_s = w_s / \sum_{\text{all ranks}} w`. The default weight of a sub-batch is
+1, so by default every sub-batch of every rank weighs the same.
 
-One step (per flat buffer of :class:`badm_fast.flat.FlatBuffer`):
+The parameters stay the user's tensors; the optimizer's :class:`badm_fast.layout.Bucket` of each
+(param group, device, dtype) caches the kernel's argument lists (the parameters, their duals and
+gradient rows). One step, per bucket:
 
 1. the fused kernel runs over this rank's rows with a zeroed *payload* standing in for
    :math:`z` and the *unnormalised* weights :math:`w_s`. The kernel is linear in the weights
-   and adds to its ``z`` argument, so it updates this rank's duals in place and leaves
+   and adds to its ``params`` argument, so it updates this rank's duals in place and leaves
    :math:`\delta_r = \sum_{s \in r} w_s\,[-2 g_s c + (\rho - \sigma)\pi_s c / \sigma]` in the
    payload (``c = 1/(\rho+\sigma)``);
 2. the payload also carries, after the ``P`` columns, this rank's weight sum :math:`W_r`, its
    share of the primal residual, and per parameter whether this rank gave it a gradient;
 3. one ``all_reduce(SUM)`` of the payload over the group (gloo on CPU, NCCL on GPU);
 4. :math:`z \leftarrow z + \delta / W` with :math:`\delta = \sum_r \delta_r` and
-   :math:`W = \sum_r W_r` read from the reduced payload on the device (no host sync).
+   :math:`W = \sum_r W_r` read from the reduced payload on the device (no host sync), computed
+   in place in the payload.
 
 This is the single-process step over the concatenation of all ranks' sub-batches, up to the
 order of the floating-point sums; the bytes reduced per step equal one gradient all-reduce of
 DDP in the compute dtype.
+
+**Overlap with the backward pass** (``BADM(..., overlap=True)``, see :mod:`badm_fast.overlap`):
+the buckets are cut into *comm buckets* of about ``bucket_cap_mb`` MiB in the reverse order of
+the parameters (the order in which a backward pass produces their gradients; the first one
+1 MiB, like DDP's), each with its own payload. Inside ``with opt.sub_batch(S_r - 1):``, the
+last local sub-batch, a comm bucket's contribution is computed and its all-reduce started
+(``async_op=True``) as soon as every one of its parameters has its gradient; ``step()`` starts
+those that were not complete, waits for all of them, agrees with one small all-reduce on
+refusing the step (or on reducing it again without overlap when something it used changed
+since: the weights, the gradients, the scale of a GradScaler), then adds ``delta / W``. The
+same kernel over the same data gives the same bits: the weights and duals are those of
+``overlap=False`` exactly.
 
 Design decisions:
 
@@ -32,15 +47,18 @@ Design decisions:
   the sum over ranks and the division by :math:`W` happen in fp32 and :math:`z` is rounded to
   its storage dtype once, exactly like the single-process step. A payload in bf16 would round
   :math:`\delta_r`, then every partial sum of the reduction, then :math:`z`.
-- **One all-reduce per flat buffer, not bucketed.** The payload is one contiguous tensor that
-  exists anyway; NCCL and gloo already split a large message into pipelined chunks, and the
-  reduction can only start after the kernel (everything happens after all backward passes),
-  so cutting it ourselves would add per-call latency without overlapping anything. The extra
-  memory is one ``(P,)`` tensor in the compute dtype per buffer, kept between steps.
+- **Without overlap, one all-reduce per bucket, not cut further.** The payload is one
+  contiguous tensor that exists anyway; NCCL and gloo already split a large message into
+  pipelined chunks, and the reduction can only start after the kernel (everything happens after
+  all backward passes), so cutting it ourselves would add per-call latency without overlapping
+  anything. The extra memory is one ``(P,)`` tensor in the compute dtype per bucket, kept
+  between steps. With ``overlap=True`` the comm buckets' payloads replace it, plus a copy of the
+  duals (``(S_r, P)``) from which a refused step restores them.
 - **Agreed skipping.** With ``on_nonfinite="raise"``/``"skip"`` (or under ``GradScaler``) each
   rank checks its own rows first, then a tiny all-reduce of one flag per rank makes every rank
   skip (or raise) together; a refused step changes nothing on any rank. With
-  ``on_nonfinite="ignore"`` and no scaler there is no such collective.
+  ``on_nonfinite="ignore"`` and no scaler there is no such collective (with ``overlap=True``
+  the agreement is always there: it also covers a changed input of an early reduction).
 - **Parameters without a gradient** follow the single-process rule over all ranks' sub-batches:
   a parameter that got a gradient on some rank steps on every rank (zero gradient in the rows
   that got none); one that got no gradient on any rank keeps its weights and duals. A rank on
@@ -48,12 +66,13 @@ Design decisions:
   (a host sync, only on that rank and only in that step) and undoes the dual update of a
   parameter that no rank touched.
 - **Same weights on every rank.** The optimizer's construction compares, with two
-  ``all_gather`` calls of a few integers, the parameter layout (param groups, flat buffers,
-  sizes, shapes, dtypes) and an exact checksum of every parameter's bits (a plain and a
-  position-weighted integer sum of the bit patterns, independent of reduction order) across
-  ranks. Every rank takes part in the collectives and then raises the same ``RuntimeError``,
-  naming the buffer or parameter and the ranks that differ, so no rank is left waiting.
-  ``sub_batches``, ``mode`` and per-group ``rho``/``sigma`` may differ between ranks.
+  ``all_gather`` calls of a few integers, the parameter layout (param groups, buckets,
+  sizes, shapes, dtypes, ``on_nonfinite``, ``overlap`` and ``bucket_cap_mb``) and an exact
+  checksum of every parameter's bits (a plain and a position-weighted integer sum of the bit
+  patterns, independent of reduction order) across ranks. Every rank takes part in the
+  collectives and then raises the same ``RuntimeError``, naming the bucket or parameter and the
+  ranks that differ, so no rank is left waiting. ``sub_batches``, ``mode`` and per-group
+  ``rho``/``sigma`` may differ between ranks.
 
 Validation errors raised before any collective (a wrong number of weights, all-zero weights
 on a rank, an index out of range) are raised on that rank only; ``torchrun`` then stops the
@@ -200,10 +219,12 @@ def _size(bucket: Any) -> int:
 
 
 def _layout(opt: Any) -> tuple[list[tuple[int, int, Any]], torch.Tensor, torch.Tensor, list[list[str]]]:
-    """(buffers, header, per-buffer layout rows, per-buffer parameter names) of this rank."""
+    """(buckets, header, per-bucket layout rows, per-bucket parameter names) of this rank."""
     bufs = [(g, j, buf) for g, group_bufs in enumerate(opt._buckets()) for j, buf in enumerate(group_bufs)]
+    overlap = getattr(opt, "_overlap", None)
     header = torch.tensor(
-        [len(opt.param_groups), len(bufs), sum(_size(b) for _, _, b in bufs), _NONFINITE_CODES[opt.on_nonfinite]],
+        [len(opt.param_groups), len(bufs), sum(_size(b) for _, _, b in bufs), _NONFINITE_CODES[opt.on_nonfinite],
+         int(overlap is not None), overlap.cap_bytes if overlap is not None else 0],
         dtype=torch.int64,
     )
     rows, names = [], []
@@ -231,8 +252,9 @@ def check_replicas(opt: Any) -> None:
         nf = {v: k for k, v in _NONFINITE_CODES.items()}
 
         def describe(h: torch.Tensor) -> str:
-            g, b, n, f = (int(x) for x in h)
-            return f"{g} param groups, {b} flat buffers, {n} elements, on_nonfinite={nf.get(f, f)!r}"
+            g, b, n, f, ovl, cap = (int(x) for x in h)
+            comm = f"overlap=True, bucket_cap_mb={cap / 2**20:g}" if ovl else "overlap=False"
+            return f"{g} param groups, {b} buckets, {n} elements, {comm}, on_nonfinite={nf.get(f, f)!r}"
 
         raise RuntimeError(
             f"BADM(process_group=...): the ranks disagree on the parameter layout: rank 0 has {describe(headers[0])}; "
@@ -258,7 +280,7 @@ def check_replicas(opt: Any) -> None:
 
             raise RuntimeError(
                 f"BADM(process_group=...): the ranks disagree on the parameter layout of param group {g} "
-                f"(flat buffer {j}): rank 0 has {describe(layouts[0, k])}"
+                f"(bucket {j}): rank 0 has {describe(layouts[0, k])}"
                 + "".join(f"; rank {r} has {describe(layouts[r, k])}" for r in bad)
                 + (
                     " (same sizes, different shapes)"
@@ -281,13 +303,23 @@ def check_replicas(opt: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------- step
+def layout_checked(opt: Any) -> bool:
+    """Whether the layout check covers every param group (none was added since)."""
+    return _replica(opt).checked_groups == len(opt.param_groups)
+
+
+def check_layout(opt: Any) -> None:
+    """The layout check of :func:`check_replicas` again after ``add_param_group`` (a collective)."""
+    if not layout_checked(opt):
+        check_replicas(opt)
+
+
 def agree(opt: Any, flags: dict[torch.device, torch.Tensor]) -> None:
     """Make every rank refuse the step when one of them must: one small all-reduce of one flag per
     rank (the layout check runs first after add_param_group). Records the refusing ranks in
     ``opt._refusing_ranks`` for the error message."""
     rep = _replica(opt)
-    if rep.checked_groups != len(opt.param_groups):  # add_param_group since the last check
-        check_replicas(opt)
+    check_layout(opt)
     if not flags:
         return
     mine = torch.stack([f.reshape(()).to(rep.device) for f in flags.values()]).amax()
@@ -360,29 +392,47 @@ def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+class Contribution:
+    """What :func:`contribute` left for :func:`finish`: the payload's views and the duals saved for the
+    parameters this rank gave no gradient (restored if no rank gave them one)."""
+
+    __slots__ = ("payload", "P", "delta", "used", "unused_res", "saved", "residuals")
+
+    def __init__(self, payload, P, delta, used, unused_res, saved, residuals):
+        self.payload = payload
+        self.P = P
+        self.delta = delta
+        self.used = used
+        self.unused_res = unused_res
+        self.saved = saved
+        self.residuals = residuals
+
+
 @torch.no_grad()
-def bucket_step(
+def contribute(
     opt: Any,
     bucket: Any,
+    payload: torch.Tensor,
     group: dict[str, Any],
     grads: list[torch.Tensor | None],
     hyper: torch.Tensor,
-    residuals: torch.Tensor | None,
+    raw_weights: list[float],
+    residuals: bool,
     found_inf: torch.Tensor | None,
     inv_scale: torch.Tensor | None,
-) -> None:
-    """The distributed fused step of one bucket: this rank's rows through the kernel into the
-    payload (the kernel adds to its ``params`` argument), one all-reduce, then ``z += delta / W``.
-    ``grads`` are the bucket's gradients as the step's plan gathered them (``R*N``, None = none).
-    ``residuals`` (optional, float64 ``(2,)``) gets the global ``[sum_s alpha_s ||w_s' - z||^2,
-    ||z' - z||^2]`` of this bucket added, like the kernel contract's residuals."""
-    rep = _replica(opt)
-    raw = _raw_weights(getattr(opt, "_raw_step_weights", None), opt.sub_batches)
-    local_w = [sum(raw)] if opt.mode == "merged" else raw
+) -> Contribution:
+    r"""This rank's part of one bucket's step, written into ``payload`` (ready for the all-reduce):
+    the kernel over this rank's rows with the unnormalised ``raw_weights`` adds
+    :math:`\delta_r` to the zeroed payload and updates the duals in place; the tail gets
+    :math:`W_r`, the residual share (``residuals``) and which parameters got a gradient here.
+
+    ``bucket`` has ``params``, ``locals``, ``duals`` (``R*N`` rows), ``rows``, ``device`` and
+    ``compute_dtype`` (a :class:`badm_fast.layout.Bucket`, or the part of one that a comm bucket of
+    :mod:`badm_fast.overlap` holds); ``grads`` are its ``R*N`` gradient rows (None = none)."""
+    local_w = [sum(raw_weights)] if opt.mode == "merged" else list(raw_weights)
     cdt = bucket.compute_dtype
     n, R = len(bucket.params), bucket.rows
     P = _size(bucket)
-    payload = rep.payload(bucket)
     payload.zero_()
     delta = _views(payload[:P], bucket.locals)
     used = payload[P + _TAIL : P + _TAIL + n]  # 1 where this rank gave the parameter a gradient
@@ -398,18 +448,18 @@ def bucket_step(
         hyper = hyper.clone()
         hyper[2] = 0.0
     touched = [rows[i] is not None for i in range(n)]
-    res = torch.zeros(2, dtype=torch.float64, device=bucket.device) if residuals is not None else None
+    res = torch.zeros(2, dtype=torch.float64, device=bucket.device) if residuals else None
     step_fn(delta, rows, bucket.duals, w, hyper, res, found_inf, inv_scale)
     saved = []
     if not all(touched):
-        # Zero gradient in every local row; undone below if no rank touched the parameter.
+        # Zero gradient in every local row; undone in finish() if no rank touched the parameter.
         idx = [i for i in range(n) if not touched[i]]
         zeros = [torch.zeros_like(delta[i]) for i in idx]
         sub_rows = [zeros[j] for _ in range(R) for j in range(len(idx))]
         sub_duals = [bucket.duals[r * n + i] for r in range(R) for i in idx]
         saved = [(i, [bucket.duals[r * n + i].clone() for r in range(R)]) for i in idx]
         for j, i in enumerate(idx):
-            res_i = torch.zeros(2, dtype=torch.float64, device=bucket.device) if residuals is not None else None
+            res_i = torch.zeros(2, dtype=torch.float64, device=bucket.device) if residuals else None
             step_fn([delta[i]], [sub_rows[j]] * R, [sub_duals[r * len(idx) + j] for r in range(R)], w, hyper, res_i,
                     found_inf, inv_scale)
             if res_i is not None:
@@ -418,12 +468,26 @@ def bucket_step(
     payload[P] = sum(local_w)
     if res is not None:
         payload[P + 1] = res[0]
-    dist.all_reduce(payload, group=rep.group)
+    return Contribution(payload, P, delta, used, unused_res, saved, residuals)
+
+
+@torch.no_grad()
+def finish(
+    bucket: Any, c: Contribution, residuals: torch.Tensor | None, found_inf: torch.Tensor | None
+) -> None:
+    r"""After the all-reduce of ``c.payload``: the duals of parameters no rank gave a gradient are
+    restored, ``residuals`` (float64 ``(2,)``, optional; needs a contribution with residuals) gets
+    the bucket's global ``[sum_s alpha_s ||w_s' - z||^2, ||z' - z||^2]`` added, and
+    :math:`z \leftarrow z + \delta / W` (unless ``found_inf`` is set). The delta columns of the
+    payload are overwritten on the way."""
+    payload, P, delta, used = c.payload, c.P, c.delta, c.used
+    n, R = len(bucket.params), bucket.rows
+    cdt = bucket.compute_dtype
     inv_w = payload[P : P + 1].reciprocal()
     untouched = set()  # parameters no rank gave a gradient: their weights and duals stay
-    if saved:
+    if c.saved:
         users = used.cpu()
-        for i, duals in saved:
+        for i, duals in c.saved:
             if users[i] == 0:
                 untouched.add(i)
                 for r in range(R):
@@ -431,18 +495,46 @@ def bucket_step(
                 delta[i].zero_()
     if residuals is not None:
         iw = inv_w.double()
-        primal = (payload[P + 1] + (unused_res * (used > 0)).sum()).double() * iw
+        primal = (payload[P + 1] + (c.unused_res * (used > 0)).sum()).double() * iw
         dual = torch.linalg.vector_norm(payload[:P], dtype=torch.float64).square() * iw.square()
         part = torch.cat([primal.reshape(1), dual.reshape(1)])
         if found_inf is not None:
             part = torch.where(found_inf.reshape(()) != 0, torch.zeros_like(part), part)
         residuals += part
     skip = None if found_inf is None else found_inf.reshape(()) != 0
+    scale = inv_w.reshape(())
     for k, (z, d) in enumerate(zip(bucket.locals, delta)):
         if k in untouched:
             continue
-        new = (d * inv_w).add_(z.to(cdt)).to(z.dtype)
-        z.copy_(new if skip is None else torch.where(skip, z, new))
+        # z + delta / W computed in place in the payload (no temporary of the parameter's size), in the
+        # compute dtype, then rounded once to z's dtype by the copy
+        d.mul_(scale).add_(z if z.dtype == cdt else z.to(cdt))
+        z.copy_(d if skip is None else torch.where(skip, z, d.to(z.dtype)))
+
+
+@torch.no_grad()
+def bucket_step(
+    opt: Any,
+    bucket: Any,
+    group: dict[str, Any],
+    grads: list[torch.Tensor | None],
+    hyper: torch.Tensor,
+    residuals: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    inv_scale: torch.Tensor | None,
+) -> None:
+    """The distributed fused step of one bucket without overlap: :func:`contribute` (this rank's
+    rows through the kernel into the payload), one all-reduce, then :func:`finish`
+    (``z += delta / W``). ``grads`` are the bucket's gradients as the step's plan gathered them
+    (``R*N``, None = none). ``residuals`` (optional, float64 ``(2,)``) gets the global
+    ``[sum_s alpha_s ||w_s' - z||^2, ||z' - z||^2]`` of this bucket added, like the kernel
+    contract's residuals."""
+    rep = _replica(opt)
+    raw = _raw_weights(getattr(opt, "_raw_step_weights", None), opt.sub_batches)
+    c = contribute(opt, bucket, rep.payload(bucket), group, grads, hyper, raw, residuals is not None, found_inf,
+                   inv_scale)
+    dist.all_reduce(c.payload, group=rep.group)
+    finish(bucket, c, residuals, found_inf)
 
 
 # ---------------------------------------------------------------------------- checkpoints
