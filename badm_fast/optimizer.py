@@ -14,6 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _ops, backends, distributed
+from . import overlap as _overlap
 from .layout import (
     SUPPORTED_DTYPES,
     Bucket,
@@ -180,8 +181,9 @@ class BADM(Optimizer):
 
     The parameters stay the user's tensors. Inside ``with opt.sub_batch(s):`` the gradients of a
     backward pass belong to sub-batch ``s`` (copied into row ``s`` of the optimizer's gradient rows
-    when the context ends), and :meth:`step` makes one fused kernel call per (param group, device,
-    dtype) over all its parameters.
+    when the context ends; ``sub_batch(s, weight=w)`` also gives the sub-batch's weight in the next
+    step), and :meth:`step` makes one fused kernel call per (param group, device, dtype) over all
+    its parameters.
 
     Args:
         params (iterable): parameters, ``(name, parameter)`` pairs, or dicts defining parameter
@@ -212,6 +214,18 @@ class BADM(Optimizer):
         process_group (ProcessGroup, optional): run distributed: every rank of the group holds the
             same weights and its own ``sub_batches`` sub-batches, aggregated with one all-reduce per
             bucket; see :mod:`badm_fast.distributed`.
+        overlap (bool, optional): with ``process_group``: start the all-reduce during the backward
+            pass of the last local sub-batch (default: False; see :mod:`badm_fast.overlap`). Run that
+            backward pass inside ``with opt.sub_batch(sub_batches - 1, weight=w):`` (``sub_batches=1``:
+            ``sub_batch(0, ...)``), give every sub-batch's weight to its context (default 1) and call
+            ``step()`` without weights; leave the gradients as the backward pass made them until
+            ``step()`` (no second backward pass, no clipping after it in that context). A step whose
+            early reduction no longer matches (other weights, changed gradients, a GradScaler's new
+            scale) is reduced again without overlap, with the same result and a warning. Costs a copy
+            of the duals per step (from which a refused step restores them). Every rank must give
+            the same ``overlap`` and ``bucket_cap_mb``.
+        bucket_cap_mb (float, optional): with ``overlap=True``, the size of the all-reduce buckets
+            in MiB (default: 25, the first bucket 1 MiB, like DDP's).
         capturable (bool, optional): capture-safe mode (default: False): every decision of
             :meth:`step` is taken on the device (never a host read), so ``opt.step()`` can be
             captured in a CUDA graph and replayed; ``lr``/``momentum`` may be tensors.
@@ -249,6 +263,8 @@ class BADM(Optimizer):
         on_nonfinite: str = "raise",
         process_group: Any = None,
         capturable: bool = False,
+        overlap: bool = False,
+        bucket_cap_mb: float = 25.0,
     ):
         if isinstance(sub_batches, bool) or not isinstance(sub_batches, numbers.Integral) or sub_batches < 1:
             raise ValueError(f"Invalid sub_batches: {sub_batches!r} (an int >= 1)")
@@ -268,6 +284,17 @@ class BADM(Optimizer):
             raise ValueError("capturable=True is not supported with a process_group (the all-reduce step syncs)")
         if process_group is not None:
             distributed.validate_process_group(process_group)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"Invalid overlap: {overlap!r} (True or False)")
+        cap = _number("bucket_cap_mb", bucket_cap_mb)
+        if not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb!r} (a finite number of MiB > 0)")
+        if overlap and process_group is None:
+            raise ValueError("overlap=True overlaps the all-reduce of a process_group with the backward pass; "
+                             "give process_group=... (or leave overlap=False)")
+        if overlap and mode == "merged":
+            raise ValueError("overlap=True starts the all-reduce inside the last sub-batch's context, which "
+                             "mode='merged' does not have; use mode='sub_batch' or overlap=False")
         if isinstance(lr, torch.Tensor) and not capturable:
             if lr.numel() != 1:
                 raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
@@ -288,6 +315,10 @@ class BADM(Optimizer):
         self._skipped = 0
         self._skipped_dev: dict[torch.device, torch.Tensor] = {}
         self._pending: list[tuple[Any, torch.Tensor, Any]] = []  # refused CUDA steps to report
+        self._sub_weights: list[float | None] = [None] * sub_batches  # sub_batch(s, weight=w) of this step
+        self.overlap = overlap
+        self.bucket_cap_mb = cap
+        self._overlap = _overlap.Overlap(self, cap) if overlap else None
         self._merged_alpha: list[float] | None = None
         self._last_alpha: list[float] | None = None
         self._weights_cache: dict[tuple, torch.Tensor] = {}
@@ -474,11 +505,16 @@ class BADM(Optimizer):
 
     # ------------------------------------------------------------------ gradients
     @contextlib.contextmanager
-    def sub_batch(self, s: int):
+    def sub_batch(self, s: int, weight: Any = None):
         """Gradients of backward passes inside this context belong to sub-batch ``s``.
 
         With several sub-batches, ``p.grad`` inside the context is this sub-batch's gradient
         (clip or inspect it there); when the context ends it is copied into row ``s``.
+
+        ``weight`` (optional, a finite number >= 0, e.g. the sub-batch's size): sub-batch ``s``'s
+        weight in the next step, used when :meth:`step` is called without ``weights`` (the
+        sub-batches given none weigh 1). With ``overlap=True`` the context of the last sub-batch
+        (``s = sub_batches - 1``) starts the all-reduce during its backward pass, with these weights.
         """
         if self.mode == "merged":
             raise ValueError(
@@ -486,15 +522,32 @@ class BADM(Optimizer):
             )
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < self.sub_batches:
             raise ValueError(f"sub-batch index {s!r} out of range [0, {self.sub_batches})")
+        if weight is not None:
+            weight = _number("weight", weight)
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"Invalid weight: {weight!r} (a finite number >= 0)")
         if self._active_row is not None:
             raise RuntimeError(f"already inside sub_batch({self._active_row}); contexts do not nest")
         s = int(s)
+        before = self._sub_weights[s]
+        ovl = self._overlap if s == self.sub_batches - 1 and not getattr(self, "_no_overlap", False) else None
         if self._rows == 1:  # one sub-batch: .grad is its gradient
             self._active_row = s
+            if weight is not None:
+                self._sub_weights[s] = weight
+            if ovl is not None:
+                ovl.arm()
             try:
                 yield self
+            except BaseException:
+                self._sub_weights[s] = before
+                if ovl is not None:
+                    ovl.abort("the last sub-batch's context raised")
+                raise
             finally:
                 self._active_row = None
+                if ovl is not None:
+                    ovl.disarm()
             return
         self._report_pending()
         if self._step_count == 0 or not self._native:
@@ -503,6 +556,10 @@ class BADM(Optimizer):
         for p in self._managed():
             p.grad = None
         self._active_row = s
+        if weight is not None:
+            self._sub_weights[s] = weight
+        if ovl is not None:
+            ovl.arm()
         try:
             yield self
         except BaseException:
@@ -511,10 +568,21 @@ class BADM(Optimizer):
             for b in self._all_buckets():
                 for rec in b.records:
                     rec.left = None
+            self._sub_weights[s] = before
+            if ovl is not None:
+                ovl.abort("the last sub-batch's context raised")
             raise
         finally:
             self._active_row = None
+            if ovl is not None:
+                ovl.disarm()
         self._absorb(s)
+        if ovl is not None:
+            ovl.after_absorb()
+
+    def _context_raw_weights(self) -> list[float]:
+        """The step's weights as the sub-batches' contexts gave them (1 for those given none)."""
+        return [1.0 if w is None else w for w in self._sub_weights]
 
     def sub_batch_grad(self, p: torch.Tensor, s: int) -> torch.Tensor | None:
         """Sub-batch ``s``'s gradient of parameter ``p`` as the next step will use it (a view: writing
@@ -690,6 +758,7 @@ class BADM(Optimizer):
         for f in self._flags.values():
             f.zero_()
         self._rows_fresh = True
+        self._sub_weights = [None] * self.sub_batches
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -897,18 +966,29 @@ class BADM(Optimizer):
             closure (Callable, optional): re-evaluates the model (running the sub-batches'
                 backward passes) and returns the loss.
             weights (sequence of float or Tensor, optional): this step's sub-batch weights,
-                e.g. the sub-batch sizes; normalised to sum 1 (default: equal). With
+                e.g. the sub-batch sizes; normalised to sum 1 (default: those given to
+                ``sub_batch(s, weight=w)``, 1 for the others; without any: equal). With
                 ``capturable=True`` a float tensor on the parameters' device is read there.
             residuals (bool, optional): also compute, in the same pass, the primal residual
                 :math:`\sqrt{\sum_s \alpha_s \|w_s' - z\|^2}` and the dual residual
                 :math:`\sigma \|z' - z\|` over all parameters; stored in :attr:`residuals`
                 as 0-dim float64 tensors on the parameters' device (no host synchronisation).
         """
+        if self._overlap is not None:
+            try:
+                return self._step_impl(closure, weights, residuals)
+            except BaseException:
+                self._overlap.abort("step() raised before it finished")
+                raise
+        return self._step_impl(closure, weights, residuals)
+
+    def _step_impl(self, closure: Callable[[], Any] | None, weights: Any, residuals: bool):
         self._report_pending()
         device_weights = (
             self.capturable and isinstance(weights, torch.Tensor) and weights.device == self._param_device()
         )
-        alpha = None if device_weights else self._step_alpha(weights)
+        given = weights is not None
+        alpha = None if device_weights or not given else self._step_alpha(weights)  # refused before the closure
         if device_weights and self.mode == "merged":
             raise ValueError(
                 "mode='merged' checks on the host that the weights stay constant; pass them as a list, or use "
@@ -918,10 +998,21 @@ class BADM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not given:  # the weights given to the sub-batches' contexts, if any (the closure may have run them)
+            if any(w is not None for w in self._sub_weights):
+                weights = self._context_raw_weights()
+            alpha = self._step_alpha(weights)
         self._raw_step_weights = weights
-        ran = self._step(alpha, weights if device_weights else None, residuals)
+        try:
+            ran = self._step(alpha, weights if device_weights else None, residuals)
+        finally:
+            self._clear_sub_weights()
         self._record_step(alpha, ran)
         return loss
+
+    @_ops.not_traced
+    def _clear_sub_weights(self) -> None:
+        self._sub_weights = [None] * self.sub_batches
 
     def _param_device(self) -> torch.device | None:
         for b in self._all_buckets():
@@ -954,8 +1045,11 @@ class BADM(Optimizer):
         Returns False when the step was refused by a host decision."""
         plan = self._plan(alpha, device_weights)
         with torch.no_grad():
-            self._raise_flags(plan)
-            sums = self._fused_pass(plan, residuals)
+            if self._overlap is not None:  # the all-reduces started during the backward pass, or now
+                sums = self._overlap.step(plan, residuals)
+            else:
+                self._raise_flags(plan)
+                sums = self._fused_pass(plan, residuals)
         return self._decide(plan, sums, residuals)
 
     @_ops.not_traced  # host bookkeeping and validation: runs eagerly, so no value here is a graph constant
@@ -969,7 +1063,7 @@ class BADM(Optimizer):
                 "sub_batches > 1 let scaler.step(opt) unscale all rows (do not call scaler.unscale_)"
             )
         check = self._check()
-        if self.process_group is not None and not (check or found_inf_in is not None):
+        if self.process_group is not None and self._overlap is None and not (check or found_inf_in is not None):
             distributed.agree(self, {})  # the layout check after add_param_group
         buckets = [b for bufs in layout for b in bufs]
         devices = sorted({b.device for b in buckets}, key=str)
@@ -1184,6 +1278,8 @@ class BADM(Optimizer):
         ``"state"`` and ``"param_groups"`` (``torch.distributed.checkpoint.state_dict``) carry it; on
         load the top-level copy wins where both are present."""
         self._report_pending(wait=True)
+        if self._overlap is not None:  # the committed duals, not those of an all-reduce started since
+            self._overlap.abort("state_dict() between the last backward pass and step()")
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         index: dict[int, int] = {}
@@ -1229,6 +1325,8 @@ class BADM(Optimizer):
         optimizer as it was."""
         if not isinstance(state_dict, dict):
             raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
+        if self._overlap is not None:
+            self._overlap.abort("load_state_dict() between the last backward pass and step()")
         state_dict = state_dict.copy()  # shallow, like torch.optim
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -306,7 +307,7 @@ def scenario_mismatched_layout(rank):
         (lambda: _model(hidden=16 + rank).parameters(), r"disagree on the parameter layout: rank 0 has 1 param groups"),
         (
             lambda: _model(dtype=torch.float64 if rank == 0 else torch.float32).parameters(),
-            r"param group 0 \(flat buffer 0\): rank 0 has 4 parameters, \d+ elements, torch.float64; "
+            r"param group 0 \(bucket 0\): rank 0 has 4 parameters, \d+ elements, torch.float64; "
             r"rank 1 has 4 parameters, \d+ elements, torch.float32",
         ),
         (lambda: [{"params": [p]} for p in _model().parameters()][: 3 + rank], r"rank 1 has 4 param groups"),
@@ -355,6 +356,302 @@ def scenario_nonfinite(rank):
         assert not torch.equal(_params(model)[0], before[0])
 
 
+# ------------------------------------------------------------ overlap=True against overlap=False
+def _exact(a, b, what):
+    assert len(a) == len(b), what
+    for k, (u, v) in enumerate(zip(a, b)):
+        assert torch.equal(u, v), f"{what}[{k}] differs: max |diff| {float((u.double() - v.double()).abs().max())}"
+
+
+def _run_overlap(model, opt, steps, heads_used=None, context_weights=True, plain=False, residuals=False,
+                 nan_at=None, edit=None, inside=None):
+    """Like _train with one step at a time, the weights given to the contexts (``context_weights``)
+    or to step(); ``plain``: S_r = 1 without a context; ``nan_at=(step, s)`` makes that sub-batch's
+    input NaN; ``edit(k, opt)`` runs between the last backward pass and step k, ``inside(k, s, opt)``
+    in the context of sub-batch s after its backward pass. Returns per step
+    whether it ran, the residuals, the refusal error, and the weights and duals before and after it."""
+    out = []
+    for k, parts in enumerate(steps):
+        before = _params(model) + _duals(model, opt)
+        opt.zero_grad()
+        used = heads_used[k] if heads_used else [[0]] * len(parts)
+        for s, (x, y) in enumerate(parts):
+            if nan_at == (k, s):
+                x = x.clone()
+                x[0, 0] = float("nan")
+            if plain:
+                F.cross_entropy(_forward(model, x), y).backward()
+                continue
+            with opt.sub_batch(s, weight=float(len(y)) if context_weights else None):
+                loss = sum(F.cross_entropy(_forward(model, x, h), y) for h in used[s]) if used[s] else None
+                if loss is not None:
+                    loss.backward()
+                if inside is not None:
+                    inside(k, s, opt)
+        if edit is not None:
+            edit(k, opt)
+        error = None
+        skipped = opt.skipped_steps
+        try:
+            opt.step(weights=None if context_weights and not plain else [float(len(p[1])) for p in parts],
+                     residuals=residuals)
+        except RuntimeError as exc:
+            error = str(exc)
+        res = torch.stack([opt.residuals["primal"], opt.residuals["dual"]]).clone() if residuals else None
+        ran = error is None and opt.skipped_steps == skipped
+        out.append((ran, res, error, before, _params(model) + _duals(model, opt)))
+    return out
+
+
+def _pair(rank, sub_batches, sizes, backend=None, dtype=torch.float64, heads=1, steps=4, wd=0.0, cap=1e-5,
+          on_nonfinite="raise", **run):
+    """The same job with overlap=False (weights to step()) and overlap=True (weights to the contexts,
+    comm buckets of ``cap`` MiB); returns both (model, optimizer, per-step results)."""
+    backend = backend or _cpu_backends()[-1]
+    first = sum(sub_batches[:rank])
+    mine = slice(first, first + sub_batches[rank])
+    data = [parts[mine] for parts in _batches(steps, sizes, dtype=dtype)]
+    groups = lambda m: [  # noqa: E731 - two param groups with their own lr/momentum
+        {"params": list(m["body"].parameters()), "rho": 3.0, "sigma": 5.0},
+        {"params": [p for k in range(heads) for p in m[f"head{k}"].parameters()], "rho": 1.0, "sigma": 4.0},
+    ]
+    out = []
+    for overlap in (False, True):
+        model = _model(dtype=dtype, heads=heads)
+        kw = dict(overlap=True, bucket_cap_mb=cap) if overlap else {}
+        opt = badm_fast.BADM(groups(model), sub_batches=sub_batches[rank], backend=backend, weight_decay=wd,
+                             on_nonfinite=on_nonfinite, process_group=dist.group.WORLD, **kw)
+        run_kw = dict(run)
+        if not overlap:
+            run_kw["context_weights"] = False
+        out.append((model, opt, _run_overlap(model, opt, data, **run_kw)))
+    return out
+
+
+def _same_state(a, b, what):
+    (m0, o0, r0), (m1, o1, r1) = a, b
+    _exact(_params(m1), _params(m0), f"{what}: weights")
+    _exact(_duals(m1, o1), _duals(m0, o0), f"{what}: duals")
+    assert [x[0] for x in r1] == [x[0] for x in r0], f"{what}: steps taken differ"
+
+
+def scenario_overlap_is_bit_identical(rank):
+    """overlap=True (comm buckets started in the last sub-batch's backward pass) gives the weights and
+    duals of overlap=False bit for bit, step after step: S_r = 1 and 2 (and 1 against 3), ragged
+    weights, weight decay, two param groups, both back ends, fp64 and fp32; the residuals agree to
+    rounding; and the overlap did start comm buckets early and used them."""
+    sizes = [[3, 5, 7, 2], [4, 4, 4, 4], [1, 9, 6, 3], [8, 2, 2, 5]]
+    cases = [([1, 1], torch.float64, 0.0), ([2, 2], torch.float64, 0.01), ([1, 3], torch.float64, 0.0),
+             ([2, 2], torch.float32, 0.0)]
+    for backend in _cpu_backends():
+        for sub_batches, dtype, wd in cases:
+            for cap in (1e-5, 25.0):
+                plain, ovl = _pair(rank, sub_batches, sizes, backend, dtype, wd=wd, cap=cap, residuals=True)
+                what = f"{backend}, S_r={sub_batches}, {dtype}, wd={wd}, cap={cap}"
+                _same_state(plain, ovl, what)
+                torch.testing.assert_close(torch.stack([r[1] for r in ovl[2]]), torch.stack([r[1] for r in plain[2]]),
+                                           rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-12)
+                state = ovl[1]._overlap
+                assert state.steps_overlapped == 4 and state.steps_again == 0, what
+                assert state.early_starts >= 4, what
+                if cap < 1:
+                    assert len(state.comm_buckets()) == 4, what  # one per parameter
+    # and against the single-process run of all sub-batches (to rounding, as without overlap)
+    for sub_batches in ([1, 1], [2, 2]):
+        total = sum(sub_batches)
+        mine = slice(sum(sub_batches[:rank]), sum(sub_batches[: rank + 1]))
+        data = _batches(4, [sz[:total] for sz in sizes])
+        ref_model = _model()
+        ref = badm_fast.BADM(ref_model.parameters(), sub_batches=total, rho=2.0, sigma=5.0)
+        _train(ref_model, ref, data, residuals=False)
+        model = _model()
+        opt = badm_fast.BADM(model.parameters(), sub_batches=sub_batches[rank], rho=2.0, sigma=5.0, overlap=True,
+                             bucket_cap_mb=1e-4, process_group=dist.group.WORLD)
+        _run_overlap(model, opt, [parts[mine] for parts in data])
+        _close(_params(model), _params(ref_model), torch.float64, "weights against the single process")
+        _close(_duals(model, opt), [d[mine] for d in _duals(ref_model, ref)], torch.float64, "duals")
+
+
+def scenario_overlap_unused_parameter(rank):
+    """Head 1 gets a gradient on rank 1 only (step 0), then from nobody: its comm bucket is incomplete
+    on rank 0 (reduced in step()); the result is overlap=False's bit for bit, and a parameter no rank
+    touched keeps its weights and duals."""
+    sizes = [[6, 8], [7, 5], [9, 4]]
+    heads = [[[0], [0, 1]], [[0], [0]], [[0], [0]]]
+    for sub_batches in ([1, 1], [2, 2]):
+        sz = sizes if sub_batches == [1, 1] else [[3, 3, 4, 4], [4, 3, 2, 3], [5, 4, 2, 2]]
+        hd = heads if sub_batches == [1, 1] else [[[0], [0], [0], [0, 1]], [[0]] * 4, [[0]] * 4]
+        mine = slice(sum(sub_batches[:rank]), sum(sub_batches[: rank + 1]))
+        plain, ovl = _pair(rank, sub_batches, sz, heads=2, steps=3, heads_used=[h[mine] for h in hd])
+        _same_state(plain, ovl, f"S_r={sub_batches}")
+        assert ovl[1]._overlap.steps_again == 0
+
+
+def scenario_overlap_refusal(rank):
+    """A NaN in rank 1's last sub-batch (on_nonfinite="raise" and "skip"), S_r = 1 and 2: the step is
+    refused on both ranks with weights and duals exactly as before (on rank 1 the kernel ran during
+    the backward pass: its duals come back from their copy), and the runs go on together."""
+    sizes = [[6, 8], [7, 5], [9, 4]]
+    for mode in ("raise", "skip"):
+        for sub_batches in ([1, 1], [2, 2]):
+            S = sub_batches[rank]
+            sz = sizes if S == 1 else [[3, 3, 4, 4], [4, 3, 2, 3], [5, 4, 2, 2]]
+            plain, ovl = _pair(rank, sub_batches, sz, steps=3, on_nonfinite=mode,
+                               nan_at=(1, S - 1) if rank == 1 else None)
+            _same_state(plain, ovl, f"{mode}, S_r={sub_batches}")
+            for _, opt, results in (plain, ovl):
+                assert [r[0] for r in results] == [True, False, True], [r[:3] for r in results]
+                _exact(results[1][4], results[1][3], "the refused step changed the state")
+                assert not torch.equal(results[2][4][0], results[2][3][0])  # the next step moved
+                if mode == "raise":
+                    pattern = r"rank 1: non-finite gradient" if rank == 1 else r"rank\(s\) \[1\] refused"
+                    assert re.search(pattern, results[1][2]), results[1][2]
+                else:
+                    assert opt.skipped_steps == 1
+            assert ovl[1]._overlap.early_starts > 0 and ovl[1]._overlap.steps_again == 0
+
+
+def _step_again_cases(rank):
+    """(name, run kwargs, reason pattern) of steps whose early contributions cannot be used."""
+    def clip(opt):
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 0.1)
+
+    def clip_in_context(k, s, opt):  # the README's clipping of every sub-batch, the last one included
+        if k == 1:
+            clip(opt)
+
+    def clip_after_context(k, opt):  # S_r = 1 only: with S_r > 1 an edit after the context is refused
+        if k == 1 and opt.sub_batches == 1:
+            clip(opt)
+
+    def zero_grad_after_backward(k, opt):
+        if k == 1:
+            opt.zero_grad()
+
+    def state_dict_between(k, opt):
+        if k == 2:
+            opt.state_dict()
+
+    return [
+        ("weights given to step()", dict(context_weights=False), "differs from the weights"),
+        ("clipping in the last context", dict(inside=clip_in_context), "a gradient changed"),
+        ("clipping after the last context", dict(edit=clip_after_context), None),
+        ("zero_grad() before step()", dict(edit=zero_grad_after_backward), "ran again"),
+        ("state_dict() between", dict(edit=state_dict_between), None),
+    ]
+
+
+def scenario_overlap_steps_again(rank):
+    """What the early contributions used changed before step(): the step is reduced again without
+    overlap (a warning names the reason on the rank that changed it), with overlap=False's result bit
+    for bit; a plain backward pass with S_r = 1 (no context, e.g. gradient accumulation) starts
+    nothing early; a rank with a context and one without still pair their collectives."""
+    import warnings
+
+    sizes = [[6, 8], [7, 5], [9, 4], [5, 5]]
+    for name, run, pattern in _step_again_cases(rank):
+        for sub_batches in ([1, 1], [2, 2]) if "after the last context" not in name else ([1, 1],):
+            sz = sizes if sub_batches == [1, 1] else [[3, 3, 4, 4], [4, 3, 2, 3], [5, 4, 2, 2], [1, 2, 3, 4]]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                plain, ovl = _pair(rank, sub_batches, sz, **run)
+            _same_state(plain, ovl, f"{name}, S_r={sub_batches}")
+            state = ovl[1]._overlap
+            assert state.steps_again >= 1, name
+            if pattern is not None:
+                messages = [str(w.message) for w in caught]
+                assert any(pattern in m for m in messages), (name, sub_batches, messages)
+    # gradient accumulation: two plain backward passes (S_r = 1) before step(), no context
+    data = _batches(3, [[6, 8], [7, 5], [9, 4]])
+    results = []
+    for overlap in (False, True):
+        model = _model()
+        opt = badm_fast.BADM(model.parameters(), rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
+                             **(dict(overlap=True, bucket_cap_mb=1e-4) if overlap else {}))
+        for parts in data:
+            opt.zero_grad()
+            x, y = parts[rank]
+            F.cross_entropy(_forward(model, x[:3]), y[:3]).backward()
+            F.cross_entropy(_forward(model, x[3:]), y[3:]).backward()
+            opt.step()
+        results.append((model, opt))
+        if overlap:
+            assert opt._overlap.early_starts == 0 and opt._overlap.steps_again == 0
+    _exact(_params(results[1][0]), _params(results[0][0]), "accumulated: weights")
+    _exact(_duals(*results[1]), _duals(*results[0]), "accumulated: duals")
+    # a second backward pass inside the last context: the second one adds to gradients already reduced
+    for overlap in (False, True):
+        model = _model()
+        opt = badm_fast.BADM(model.parameters(), rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
+                             **(dict(overlap=True, bucket_cap_mb=1e-4) if overlap else {}))
+        for parts in data:
+            opt.zero_grad()
+            x, y = parts[rank]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                with opt.sub_batch(0, weight=len(y)):
+                    F.cross_entropy(_forward(model, x[:3]), y[:3]).backward()
+                    F.cross_entropy(_forward(model, x[3:]), y[3:]).backward()
+                opt.step()
+        results.append((model, opt))
+    _exact(_params(results[3][0]), _params(results[2][0]), "two backward passes: weights")
+    assert results[3][1]._overlap.steps_again == 3
+    # rank 0 with the context, rank 1 a plain backward pass: the same collectives, the same result
+    for overlap in (False, True):
+        model = _model()
+        opt = badm_fast.BADM(model.parameters(), rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
+                             **(dict(overlap=True, bucket_cap_mb=1e-4) if overlap else {}))
+        for parts in data:
+            opt.zero_grad()
+            x, y = parts[rank]
+            if rank == 0:
+                with opt.sub_batch(0):
+                    F.cross_entropy(_forward(model, x), y).backward()
+            else:
+                F.cross_entropy(_forward(model, x), y).backward()
+            opt.step()
+        results.append((model, opt))
+    _exact(_params(results[5][0]), _params(results[4][0]), "mixed: weights")
+    _exact(_duals(*results[5]), _duals(*results[4]), "mixed: duals")
+    assert results[5][1]._overlap.steps_again == 0
+
+
+def scenario_overlap_grad_scaler(rank):
+    """torch.amp.GradScaler: the early contributions unscale with the previous step's scale (the
+    first step, without one, is reduced again); an overflow on rank 1 is refused on both ranks; the
+    result is overlap=False's bit for bit."""
+    import warnings
+
+    data = _batches(5, [[6, 8]] * 5)
+    out = []
+    for overlap in (False, True):
+        model = _model()
+        opt = badm_fast.BADM(model.parameters(), rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
+                             **(dict(overlap=True, bucket_cap_mb=1e-4) if overlap else {}))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+        taken = []
+        for k, parts in enumerate(data):
+            opt.zero_grad()
+            x, y = parts[rank]
+            with opt.sub_batch(0, weight=len(y)):
+                loss = F.cross_entropy(_forward(model, x), y)
+                if k == 2 and rank == 1:
+                    loss = loss * float("inf")
+                scaler.scale(loss).backward()
+            before = opt.skipped_steps
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                scaler.step(opt)
+            scaler.update()
+            taken.append(opt.skipped_steps == before)
+        out.append((model, opt, taken))
+    _exact(_params(out[1][0]), _params(out[0][0]), "GradScaler: weights")
+    _exact(_duals(out[1][0], out[1][1]), _duals(out[0][0], out[0][1]), "GradScaler: duals")
+    assert out[0][2] == out[1][2] == [True, True, False, True, True], out[0][2]
+    state = out[1][1]._overlap
+    assert state.steps_overlapped >= 2, (state.steps_overlapped, state.steps_again)
+
+
 SCENARIOS = {
     "two_ranks_one_sub_batch": scenario_two_ranks_one_sub_batch,
     "low_precision": scenario_low_precision,
@@ -366,6 +663,11 @@ SCENARIOS = {
     "mismatched_weights": scenario_mismatched_weights,
     "mismatched_layout": scenario_mismatched_layout,
     "nonfinite": scenario_nonfinite,
+    "overlap_is_bit_identical": scenario_overlap_is_bit_identical,
+    "overlap_unused_parameter": scenario_overlap_unused_parameter,
+    "overlap_refusal": scenario_overlap_refusal,
+    "overlap_steps_again": scenario_overlap_steps_again,
+    "overlap_grad_scaler": scenario_overlap_grad_scaler,
 }
 
 
