@@ -506,10 +506,15 @@ def finish(
     for k, (z, d) in enumerate(zip(bucket.locals, delta)):
         if k in untouched:
             continue
-        # z + delta / W computed in place in the payload (no temporary of the parameter's size), in the
-        # compute dtype, then rounded once to z's dtype by the copy
-        d.mul_(scale).add_(z if z.dtype == cdt else z.to(cdt))
-        z.copy_(d if skip is None else torch.where(skip, z, d.to(z.dtype)))
+        # z + delta / W in the compute dtype without a temporary of the parameter's size: delta / W in
+        # place in the payload, then added to z (the same sum either way round), or for bf16/fp16 z (or
+        # a refusal decided on the device) summed in the payload and rounded once to z's dtype
+        d.mul_(scale)
+        if skip is None and z.dtype == cdt:
+            z.add_(d)
+        else:
+            d.add_(z if z.dtype == cdt else z.to(cdt))
+            z.copy_(d if skip is None else torch.where(skip, z, d.to(z.dtype)))
 
 
 @torch.no_grad()
