@@ -55,8 +55,10 @@ def split_step(
     """One BADM training step on a batch; returns the batch's mean loss (a detached tensor).
 
     Splits the batch into ``opt.sub_batches`` sub-batches along dim 0, runs each one's
-    forward and backward pass inside ``opt.sub_batch(s)``, then steps with the sub-batch
-    sizes as weights (a ragged last batch is weighted correctly). ``loss_fn`` must return the
+    forward and backward pass inside ``opt.sub_batch(s, weight=size)``, then steps with the
+    sub-batch sizes as weights (a ragged last batch is weighted correctly; with
+    ``overlap=True`` the all-reduce starts during the last sub-batch's backward pass, unless
+    ``max_grad_norm`` clips the gradients after it). ``loss_fn`` must return the
     mean loss of the samples it is given. In ``mode="merged"`` the whole batch takes one
     forward and backward pass (the exact fast path).
 
@@ -84,19 +86,25 @@ def split_step(
         return loss.detach()
     total = None
     sizes = []
-    for s, (xs, ys) in enumerate(parts):
-        sizes.append(ys.shape[0])
-        if ys.shape[0] == 0:
-            continue
-        with contextlib.ExitStack() as stack:
-            for o in opts:
-                stack.enter_context(o.sub_batch(s))
-            loss = loss_fn(model(*xs), ys)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        part = loss.detach() * ys.shape[0]
-        total = part if total is None else total + part
+    try:
+        for o in opts:  # clipping edits the gradients after the backward pass: nothing is reduced before it
+            o._no_overlap = max_grad_norm is not None
+        for s, (xs, ys) in enumerate(parts):
+            sizes.append(ys.shape[0])
+            with contextlib.ExitStack() as stack:
+                for o in opts:  # the sizes are the weights: with overlap=True the last context needs them
+                    stack.enter_context(o.sub_batch(s, weight=float(ys.shape[0])))
+                if ys.shape[0] == 0:  # an empty sub-batch: no forward pass, gradient zero
+                    continue
+                loss = loss_fn(model(*xs), ys)
+                loss.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            part = loss.detach() * ys.shape[0]
+            total = part if total is None else total + part
+    finally:
+        for o in opts:
+            o._no_overlap = False
     for o in opts:
         o.step(weights=sizes)
     return total / n

@@ -327,6 +327,22 @@ def scenario_mismatched_layout(rank):
         ),
         r"on_nonfinite='raise'; rank 1 has .* on_nonfinite='skip'",
     )
+    # overlap and bucket_cap_mb: the ranks' all-reduces would not pair
+    _expect_error(
+        lambda: badm_fast.BADM(_model().parameters(), overlap=bool(rank), process_group=dist.group.WORLD),
+        r"rank 0 has .*overlap=False, on_nonfinite='raise'; rank 1 has .*overlap=True, bucket_cap_mb=25,",
+    )
+    _expect_error(
+        lambda: badm_fast.BADM(_model().parameters(), overlap=True, bucket_cap_mb=[25, 1][rank],
+                               process_group=dist.group.WORLD),
+        r"bucket_cap_mb=25, .*; rank 1 has .*bucket_cap_mb=1,",
+    )
+    try:
+        badm_fast.BADM(_model().parameters(), overlap=True, mode="merged", process_group=dist.group.WORLD)
+    except ValueError as exc:
+        assert "mode='merged' does not have" in str(exc)
+    else:
+        raise AssertionError("overlap=True with mode='merged' was accepted")
 
 
 def scenario_nonfinite(rank):
@@ -418,6 +434,7 @@ def _pair(rank, sub_batches, sizes, backend=None, dtype=torch.float64, heads=1, 
     out = []
     for overlap in (False, True):
         model = _model(dtype=dtype, heads=heads)
+        model["body"][0].bias.requires_grad_(False)  # a frozen parameter: no state, no comm bucket
         kw = dict(overlap=True, bucket_cap_mb=cap) if overlap else {}
         opt = badm_fast.BADM(groups(model), sub_batches=sub_batches[rank], backend=backend, weight_decay=wd,
                              on_nonfinite=on_nonfinite, process_group=dist.group.WORLD, **kw)
@@ -442,20 +459,21 @@ def scenario_overlap_is_bit_identical(rank):
     rounding; and the overlap did start comm buckets early and used them."""
     sizes = [[3, 5, 7, 2], [4, 4, 4, 4], [1, 9, 6, 3], [8, 2, 2, 5]]
     cases = [([1, 1], torch.float64, 0.0), ([2, 2], torch.float64, 0.01), ([1, 3], torch.float64, 0.0),
-             ([2, 2], torch.float32, 0.0)]
+             ([2, 2], torch.float32, 0.0), ([1, 1], torch.bfloat16, 0.01)]
     for backend in _cpu_backends():
         for sub_batches, dtype, wd in cases:
             for cap in (1e-5, 25.0):
                 plain, ovl = _pair(rank, sub_batches, sizes, backend, dtype, wd=wd, cap=cap, residuals=True)
                 what = f"{backend}, S_r={sub_batches}, {dtype}, wd={wd}, cap={cap}"
                 _same_state(plain, ovl, what)
+                rtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
                 torch.testing.assert_close(torch.stack([r[1] for r in ovl[2]]), torch.stack([r[1] for r in plain[2]]),
-                                           rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-12)
+                                           rtol=rtol, atol=1e-12)
                 state = ovl[1]._overlap
                 assert state.steps_overlapped == 4 and state.steps_again == 0, what
                 assert state.early_starts >= 4, what
                 if cap < 1:
-                    assert len(state.comm_buckets()) == 4, what  # one per parameter
+                    assert len(state.comm_buckets()) == 3, what  # one per parameter with state
     # and against the single-process run of all sub-batches (to rounding, as without overlap)
     for sub_batches in ([1, 1], [2, 2]):
         total = sum(sub_batches)
@@ -470,6 +488,44 @@ def scenario_overlap_is_bit_identical(rank):
         _run_overlap(model, opt, [parts[mine] for parts in data])
         _close(_params(model), _params(ref_model), torch.float64, "weights against the single process")
         _close(_duals(model, opt), [d[mine] for d in _duals(ref_model, ref)], torch.float64, "duals")
+
+
+def scenario_overlap_checkpoint_resume(rank, tmpdir):
+    """overlap=True: a checkpoint of every rank's duals (gather_state_dict) taken after 2 steps resumes
+    bit-exactly; gather_state_dict between the last backward pass and step() sees the duals as they
+    were before that step (the started all-reduces' dual updates are put back; the step then runs
+    again without overlap)."""
+    sizes = [[3, 5, 7, 2]] * 5
+    data = [parts[2 * rank : 2 * rank + 2] for parts in _batches(5, sizes)]
+    path = os.path.join(tmpdir, "overlap.pt")
+
+    def fresh():
+        model = _model(seed=4)
+        return model, badm_fast.BADM(model.parameters(), sub_batches=2, rho=2.0, sigma=6.0, overlap=True,
+                                     bucket_cap_mb=1e-5, process_group=dist.group.WORLD)
+
+    model, opt = fresh()
+    _run_overlap(model, opt, data[:2])
+    committed = _duals(model, opt)
+
+    def gather_between(k, opt):
+        if k == 0:
+            ckpt = badm_fast.distributed.gather_state_dict(opt)
+            if rank == 0:
+                _exact([ckpt["ranks"][0]["state"][i]["duals"] for i in range(4)], committed, "gathered duals")
+                torch.save({"model": model.state_dict(), "optimizer": ckpt}, path)
+            dist.barrier()
+
+    _run_overlap(model, opt, data[2:], edit=gather_between)
+    assert opt._overlap.steps_again == 1
+    want = _params(model) + _duals(model, opt)
+    model, opt = fresh()
+    saved = torch.load(path, weights_only=True)
+    model.load_state_dict(saved["model"])
+    badm_fast.distributed.scatter_state_dict(opt, saved["optimizer"] if rank == 0 else None)
+    _run_overlap(model, opt, data[2:])
+    _exact(_params(model) + _duals(model, opt), want, "resumed")
+    assert opt._overlap.steps_again == 0
 
 
 def scenario_overlap_unused_parameter(rank):
@@ -664,6 +720,7 @@ SCENARIOS = {
     "mismatched_layout": scenario_mismatched_layout,
     "nonfinite": scenario_nonfinite,
     "overlap_is_bit_identical": scenario_overlap_is_bit_identical,
+    "overlap_checkpoint_resume": scenario_overlap_checkpoint_resume,
     "overlap_unused_parameter": scenario_overlap_unused_parameter,
     "overlap_refusal": scenario_overlap_refusal,
     "overlap_steps_again": scenario_overlap_steps_again,
@@ -767,4 +824,4 @@ def test_process_group_is_validated():
 
 if __name__ == "__main__":
     ranks.run_scenarios(SCENARIOS, int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
-                        with_dir=frozenset({"checkpoint_resume"}))
+                        with_dir=frozenset({"checkpoint_resume", "overlap_checkpoint_resume"}))

@@ -362,6 +362,12 @@ CASES = [
     Case("init-backend", _new(backend="tpu"), ValueError, "Invalid backend: 'tpu'", INIT),
     Case("init-on_nonfinite", _new(on_nonfinite="warn"), ValueError, "Invalid on_nonfinite: 'warn'", INIT),
     Case("init-capturable", _new(capturable=1), ValueError, "Invalid capturable", INIT),
+    Case("init-overlap", _new(overlap="yes"), ValueError, "Invalid overlap", INIT),
+    Case("init-overlap-without-process_group", _new(overlap=True), ValueError, "give process_group", INIT),
+    *[
+        Case(f"init-bucket_cap_mb={_vid(v)}", _new(bucket_cap_mb=v), ValueError, "Invalid bucket_cap_mb", INIT)
+        for v in (0.0, -1.0, NAN, INF, "25", None, True)
+    ],
     Case("init-backend-cuda-on-cpu", _new(backend="cuda"), badm_fast.BackendUnavailable,
          "'cuda' is unavailable on cpu", INIT),
     # ------------------------------------------------ construction: parameters
@@ -483,6 +489,11 @@ CASES = [
         Case(f"sub_batch({v!r})", lambda c, v=v: c.stack.enter_context(c.opt.sub_batch(v)), ValueError,
              "out of range", recover=lambda c: c.stack.close())
         for v in (2, -1, 1.0, True, "0", None)
+    ],
+    *[
+        Case(f"sub_batch(0, weight={_vid(v)})", lambda c, v=v: c.stack.enter_context(c.opt.sub_batch(0, weight=v)),
+             ValueError, "Invalid weight", recover=lambda c: c.stack.close())
+        for v in (-1.0, NAN, INF, "1", True, [1.0], torch.ones(2))
     ],
     Case("sub_batch-nested", lambda c: c.stack.enter_context(c.opt.sub_batch(0)), RuntimeError, "do not nest",
          setup=_enter_sub_batch(1), recover=lambda c: c.stack.close()),

@@ -528,6 +528,11 @@ def test_model_load_state_dict_and_replaced_data_are_stepped_in_place():
         ({"sub_batches": 2.0}, "Invalid sub_batches"),
         ({"mode": "fast"}, "Invalid mode"),
         ({"backend": "tpu"}, "Invalid backend"),
+        ({"overlap": True}, "give process_group"),
+        ({"overlap": 1}, "Invalid overlap"),
+        ({"bucket_cap_mb": 0.0}, "Invalid bucket_cap_mb"),
+        ({"bucket_cap_mb": float("inf")}, "Invalid bucket_cap_mb"),
+        ({"bucket_cap_mb": "25"}, "Invalid bucket_cap_mb"),
     ],
 )
 def test_constructor_errors(kwargs, match):
@@ -581,6 +586,56 @@ def test_sub_batch_index_errors():
         with opt.sub_batch(0):
             with opt.sub_batch(1):
                 pass
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_sub_batch_weights_are_the_step_weights(S):
+    """``sub_batch(s, weight=w)`` gives the next step's weights (1 for a sub-batch given none), bit for
+    bit as ``step(weights=...)``; step(weights=...) overrides them; a step or zero_grad() clears them;
+    a closure's contexts count."""
+    x, y = _data(n=30)
+    runs = {}
+    for how in ("step", "context", "context, partly", "override", "closure"):
+        model = _model()
+        opt = badm_fast.BADM(model.parameters(), sub_batches=S, rho=1.5, sigma=4.0)
+        for t in range(3):
+            parts = badm_fast.split_batch(x[t:], y[t:], S)
+            sizes = [float(len(ys)) for _, ys in parts]
+            weights = sizes if how != "context, partly" else [1.0] + sizes[1:]
+
+            def run(parts=parts, how=how, opt=opt, model=model):
+                opt.zero_grad()
+                for s, (xs, ys) in enumerate(parts):
+                    w = None if how == "step" or (how == "context, partly" and s == 0) else float(len(ys))
+                    with opt.sub_batch(s, weight=w if how != "override" else 7.0):
+                        F.cross_entropy(model(*xs), ys).backward()
+
+            if how == "closure":
+                opt.step(run)
+            else:
+                run()
+                opt.step(weights=sizes if how in ("step", "override") else None)
+            assert opt._sub_weights == [None] * S
+            assert opt.state_dict()["badm"]["alpha"] == badm_fast.optimizer.normalize_weights(weights, S)
+        runs[how] = _snapshot(model, opt)
+    for how in ("context", "override", "closure"):
+        _assert_same(runs[how], runs["step"])
+    if S > 1:
+        assert not torch.equal(runs["context, partly"][0][0], runs["step"][0][0])
+    opt = badm_fast.BADM(_model().parameters(), sub_batches=S)
+    with opt.sub_batch(0, weight=3.0):
+        pass
+    opt.zero_grad()
+    assert opt._sub_weights == [None] * S
+    for bad in (float("nan"), -1.0, float("inf"), "2", True, [1.0]):
+        with pytest.raises(ValueError, match="Invalid weight"):
+            with opt.sub_batch(0, weight=bad):
+                pass
+    assert opt._sub_weights == [None] * S
+    with pytest.raises(ZeroDivisionError):
+        with opt.sub_batch(0, weight=5.0):
+            1 / 0
+    assert opt._sub_weights == [None] * S, "a failed context leaves the weights as they were"
 
 
 def test_step_refuses_invalid_group_hyperparameters():
