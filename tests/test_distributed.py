@@ -672,6 +672,27 @@ def scenario_overlap_steps_again(rank):
     assert results[5][1]._overlap.steps_again == 0
 
 
+def scenario_overlap_split_step(rank):
+    """badm_fast.split_step gives the sub-batch sizes to the contexts: with overlap=True it starts the
+    all-reduce during the last backward pass and its result is overlap=False's bit for bit; with
+    max_grad_norm (clipping after each backward pass) nothing starts early."""
+    data = _batches(3, [[7, 6, 9, 5]] * 3)
+    for clip in (None, 0.5):
+        out = []
+        for overlap in (False, True):
+            model = _model()
+            opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
+                                 **(dict(overlap=True, bucket_cap_mb=1e-5) if overlap else {}))
+            for parts in data:
+                mine = parts[2 * rank : 2 * rank + 2]
+                x, y = torch.cat([p[0] for p in mine]), torch.cat([p[1] for p in mine])
+                badm_fast.split_step(lambda t: _forward(model, t), opt, F.cross_entropy, x, y, max_grad_norm=clip)
+            out.append((model, opt))
+        _exact(_params(out[1][0]) + _duals(*out[1]), _params(out[0][0]) + _duals(*out[0]), f"split_step, clip={clip}")
+        state = out[1][1]._overlap
+        assert state.steps_again == 0 and (state.early_starts == 0) == (clip is not None), vars(state)
+
+
 def scenario_overlap_grad_scaler(rank):
     """torch.amp.GradScaler: the early contributions unscale with the previous step's scale (the
     first step, without one, is reduced again); an overflow on rank 1 is refused on both ranks; the
@@ -724,6 +745,7 @@ SCENARIOS = {
     "overlap_unused_parameter": scenario_overlap_unused_parameter,
     "overlap_refusal": scenario_overlap_refusal,
     "overlap_steps_again": scenario_overlap_steps_again,
+    "overlap_split_step": scenario_overlap_split_step,
     "overlap_grad_scaler": scenario_overlap_grad_scaler,
 }
 
