@@ -6,17 +6,27 @@ batch of ``--batch`` samples per rank, one thread per process (2 processes on 2 
 
 - ``badm``: ``BADM(process_group=WORLD, sub_batches=1)`` with the default
   ``on_nonfinite="raise"`` (each step: a one-flag-per-rank all-reduce agreeing on non-finite
-  gradients, then the kernel and one all-reduce of the payload per flat buffer);
+  gradients, then the kernel and one all-reduce of the payload per bucket, after the backward
+  pass);
 - ``badm (on_nonfinite="ignore")``: no agreement collective, only the payload all-reduce;
+- ``badm, overlap``: ``BADM(..., overlap=True)`` (comm buckets of ``--bucket-cap-mb`` MiB, the
+  first 1 MiB, like DDP's), the backward pass inside ``with opt.sub_batch(0, weight=batch):``:
+  each comm bucket's kernel runs and its all-reduce starts during the backward pass; ``step()``
+  waits for them, agrees on refusing the step (one small all-reduce) and adds ``delta / W``;
+- ``badm, overlap (on_nonfinite="ignore")``: the same without the check of the gradients;
 - ``ddp + sgd``: ``DistributedDataParallel`` (its bucketed gradient all-reduce overlaps the
-  backward pass) and ``SGD(momentum=0.9, foreach=True)``;
+  backward pass; ``bucket_cap_mb`` the same) and ``SGD(momentum=0.9, foreach=True)``;
 - ``badm, 1 process``: the same BADM step without a process group (the kernel alone), as a
   baseline for the step's compute.
 
 Every iteration (zero_grad, forward, backward, step) is timed, and ``opt.step()`` on its own;
 inside BADM's step the payload all-reduce is timed where it runs (``torch.distributed.all_reduce``
-wrapped in this process), and separately an all-reduce of a tensor of the payload's size.
-Cases alternate in rounds; medians (p20-p80) over all timed iterations of rank 0.
+wrapped in this process; for the overlapped cases the time ``step()`` spends waiting for the
+started all-reduces, the part not hidden behind the backward pass). Separately, with nothing
+else running: an all-reduce of a tensor of the payload's size, the all-reduces of the comm
+buckets' payloads one after the other (what the overlap hides part of), and the copy of the
+duals the overlapped step makes (from which a refused step restores them). Cases alternate in
+rounds; medians (p20-p80) over all timed iterations of rank 0.
 
     python bench/bench_distributed.py --out bench/results/distributed.md   # the report, also written there
     python bench/bench_distributed.py --quick       # a few iterations, prints only
@@ -62,15 +72,35 @@ def _model(width: int) -> nn.Module:
     )
 
 
+class _TimedWork:
+    """An async all-reduce's work whose wait() is timed (the part of the all-reduce still exposed)."""
+
+    def __init__(self, work, times: list[float], waits: list[float]):
+        self.work = work
+        self.times = times
+        self.waits = waits
+
+    def wait(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.work.wait(*args, **kwargs)
+        self.times.append(time.perf_counter() - t0)
+        self.waits.append(self.times[-1])
+        return out
+
+
 class _AllReduceTimer:
-    """Wraps torch.distributed.all_reduce in this process; times calls on large tensors."""
+    """Wraps torch.distributed.all_reduce in this process: times blocking calls on large tensors,
+    and the wait() of every asynchronous one."""
 
     def __init__(self, min_numel: int):
         self.min_numel = min_numel
         self.times: list[float] = []
+        self.waits: list[float] = []  # the waits of the asynchronous ones, in the order they were waited for
         self.inner = dist.all_reduce
 
     def __call__(self, tensor, *args, **kwargs):
+        if kwargs.get("async_op"):
+            return _TimedWork(self.inner(tensor, *args, **kwargs), self.times, self.waits)
         if tensor.numel() < self.min_numel:
             return self.inner(tensor, *args, **kwargs)
         t0 = time.perf_counter()
@@ -96,7 +126,11 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         m,
         badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0, on_nonfinite="ignore", process_group=dist.group.WORLD),
     )
-    m = nn.parallel.DistributedDataParallel(_model(args.width))
+    for name, check in (("badm, overlap", "raise"), ('badm, overlap (on_nonfinite="ignore")', "ignore")):
+        m = _model(args.width)
+        cases[name] = (m, badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0, on_nonfinite=check, overlap=True,
+                                         bucket_cap_mb=args.bucket_cap_mb, process_group=dist.group.WORLD))
+    m = nn.parallel.DistributedDataParallel(_model(args.width), bucket_cap_mb=args.bucket_cap_mb)
     cases["ddp + sgd"] = (m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=True))
     m = _model(args.width)
     cases["badm, 1 process"] = (m, badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0))
@@ -105,17 +139,24 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     timer = _AllReduceTimer(min_numel=n_params // 2)
     dist.all_reduce = timer  # badm_fast.distributed calls dist.all_reduce: timed where it runs
     times = {name: {"iter": [], "step": [], "allreduce": []} for name in cases}
+    waits: dict[str, list[list[float]]] = {name: [] for name in cases if "overlap" in name}  # per step, per bucket
 
-    def iteration(name: str) -> tuple[float, float, list[float]]:
+    def iteration(name: str) -> tuple[float, float, list[float], list[float]]:
         model, opt = cases[name]
-        before = len(timer.times)
+        before, before_waits = len(timer.times), len(timer.waits)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        t1 = time.perf_counter()
-        opt.step(weights=[float(args.batch)]) if isinstance(opt, badm_fast.BADM) else opt.step()
+        if isinstance(opt, badm_fast.BADM) and opt.overlap:
+            with opt.sub_batch(0, weight=float(args.batch)):  # the comm buckets start during this backward pass
+                F.cross_entropy(model(x), y).backward()
+            t1 = time.perf_counter()
+            opt.step()
+        else:
+            F.cross_entropy(model(x), y).backward()
+            t1 = time.perf_counter()
+            opt.step(weights=[float(args.batch)]) if isinstance(opt, badm_fast.BADM) else opt.step()
         t2 = time.perf_counter()
-        return t2 - t0, t2 - t1, timer.times[before:]
+        return t2 - t0, t2 - t1, timer.times[before:], timer.waits[before_waits:]
 
     for name in cases:
         for _ in range(args.warmup):
@@ -124,27 +165,52 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         for name in cases:
             dist.barrier()
             for _ in range(args.steps):
-                it, st, ar = iteration(name)
+                it, st, ar, wt = iteration(name)
                 times[name]["iter"].append(it)
                 times[name]["step"].append(st)
                 if name.startswith("badm") and "1 process" not in name:
                     times[name]["allreduce"].append(sum(ar))
+                if name in waits:
+                    waits[name].append(wt)
 
-    # an all-reduce of a tensor of the payload's size, alone
+    # with nothing else running: an all-reduce of a tensor of the payload's size; those of the comm
+    # buckets' payloads one after the other; the copy of the duals of the overlapped step
     payload = next(iter(badm_fast.distributed._replica(cases["badm"][1]).payloads.values()))
     alone = torch.zeros_like(payload)
-    dist.barrier()
-    times["all-reduce alone"] = {"iter": [], "step": [], "allreduce": []}
-    for k in range(args.warmup + args.rounds * args.steps):
+    overlapped = cases["badm, overlap"][1]
+    comm = overlapped._overlap.comm_buckets()
+    comm_alone = [torch.zeros_like(cb.payload) for cb in comm]
+    duals = [d for cb in comm for d in cb.part().duals]
+    backups = [b for cb in comm for b in cb.backup]
+    for name in ("all-reduce alone", "comm buckets' all-reduces alone", "copy of the duals alone"):
+        times[name] = {"iter": [], "step": [], "allreduce": []}
+    comm_each: list[list[float]] = []  # per repetition, per comm bucket
+
+    def timed(fn) -> float:
+        dist.barrier()  # both ranks start together: the time is the all-reduce's, not the other rank's lag
         t0 = time.perf_counter()
-        timer.inner(alone)
+        fn()
+        return time.perf_counter() - t0
+
+    for k in range(args.warmup + args.rounds * args.steps):
+        whole = timed(lambda: timer.inner(alone))
+        each = [timed(lambda t=t: timer.inner(t)) for t in comm_alone]
+        copy = timed(lambda: torch._foreach_copy_(backups, duals))
         if k >= args.warmup:
-            times["all-reduce alone"]["allreduce"].append(time.perf_counter() - t0)
+            times["all-reduce alone"]["allreduce"].append(whole)
+            times["comm buckets' all-reduces alone"]["allreduce"].append(sum(each))
+            times["copy of the duals alone"]["step"].append(copy)
+            comm_each.append(each)
     dist.all_reduce = timer.inner
 
     if rank == 0:
         result = {
             "n_params": n_params,
+            "comm_buckets": [cb.payload.numel() * cb.payload.element_size() for cb in comm],
+            "comm_alone": comm_each,
+            "waits": waits,
+            "overlap_counts": {name: [cases[name][1]._overlap.steps_overlapped, cases[name][1]._overlap.steps_again]
+                               for name in cases if "overlap" in name},
             "payload_elements": payload.numel(),
             "payload_bytes": payload.numel() * payload.element_size(),
             "backend": cases["badm"][1].backend,
@@ -166,12 +232,14 @@ def _stats(values: list[float]) -> bc.Stats | None:
 
 def _table(result: dict) -> str:
     rows = []
+    ddp = _stats(result["times"]["ddp + sgd"]["iter"])
     for name, t in result["times"].items():
         it, st, ar = _stats(t["iter"]), _stats(t["step"]), _stats(t["allreduce"])
         row = {"case": name}
         if it:
             row["iter"] = it.median * 1e3
             row["iter_range"] = f"{it.p20 * 1e3:.1f}-{it.p80 * 1e3:.1f}"
+            row["ratio"] = f"{it.median / ddp.median:.2f}x"
         if st:
             row["step"] = st.median * 1e3
         if ar:
@@ -185,27 +253,66 @@ def _table(result: dict) -> str:
             ("case", "case"),
             ("iter", "ms / iteration (median)"),
             ("iter_range", "p20-p80"),
+            ("ratio", "vs DDP + SGD"),
             ("step", "ms opt.step()"),
-            ("allreduce", "ms payload all-reduce"),
+            ("allreduce", "ms payload all-reduce in opt.step()"),
             ("share", "all-reduce share of opt.step()"),
         ],
     )
 
 
+def _medians(result: dict) -> dict[str, dict[str, float | None]]:
+    return {k: {part: (_stats(v[part]).median * 1e3 if v[part] else None) for part in v}
+            for k, v in result["times"].items()}
+
+
+def _hidden(result: dict, case: str = "badm, overlap") -> float:
+    """The share of the comm buckets' all-reduce time (alone) that the overlapped step did not wait for."""
+    med = _medians(result)
+    return 1.0 - med[case]["allreduce"] / med["comm buckets' all-reduces alone"]["allreduce"]
+
+
+def _bucket_table(result: dict) -> str:
+    """Per comm bucket: its payload, its all-reduce alone, and how long each overlapped case's step()
+    waited for it (medians)."""
+    cases = list(result["waits"])
+    rows = []
+    for k, nbytes in enumerate(result["comm_buckets"]):
+        alone = _stats([each[k] for each in result["comm_alone"]]).median * 1e3
+        row = {"bucket": f"{k} (starts {'first' if k == 0 else 'after ' + str(k - 1)})", "mib": nbytes / 2**20,
+               "alone": alone}
+        for j, name in enumerate(cases):
+            waited = [w[k] for w in result["waits"][name] if len(w) == len(result["comm_buckets"])]
+            if waited:
+                row[f"wait{j}"] = _stats(waited).median * 1e3
+                row[f"hidden{j}"] = f"{100 * (1 - row[f'wait{j}'] / alone):.0f}%"
+        rows.append(row)
+    columns = [("bucket", "comm bucket"), ("mib", "MiB"), ("alone", "ms all-reduce alone")]
+    for j, name in enumerate(cases):
+        columns += [(f"wait{j}", f"ms step() waited: {name}"), (f"hidden{j}", "hidden")]
+    return bc.markdown_table(rows, columns)
+
+
 def _summary(result: dict) -> str:
-    """Two sentences computed from the medians: where BADM's extra time per iteration goes."""
-    t = result["times"]
-    med = {k: {part: (_stats(v[part]).median * 1e3 if v[part] else None) for part in v} for k, v in t.items()}
-    badm, ddp, alone = med["badm"], med["ddp + sgd"], med["all-reduce alone"]["allreduce"]
+    """Sentences computed from the medians: where BADM's time per iteration goes, with and without overlap."""
+    med = _medians(result)
+    badm, ddp, ovl = med["badm"], med["ddp + sgd"], med["badm, overlap"]
+    alone = med["all-reduce alone"]["allreduce"]
+    comm_alone = med["comm buckets' all-reduces alone"]["allreduce"]
     extra = badm["iter"] - ddp["iter"]
+    sizes = ", ".join(f"{b / 2**20:.1f}" for b in result["comm_buckets"])
+    counts = result["overlap_counts"]["badm, overlap"]
     return (
         f"Median iteration: BADM {badm['iter']:.0f} ms, DDP + SGD {ddp['iter']:.0f} ms ({extra:+.0f} ms, "
-        f"{100 * extra / ddp['iter']:+.0f}%). BADM's payload all-reduce ({badm['allreduce']:.0f} ms inside the step, "
-        f"including the wait for the slower rank; {alone:.0f} ms alone) runs after the backward pass, because the "
-        "weighted contributions need this step's weights and every sub-batch's gradient; DDP overlaps the same "
-        "bytes with its backward pass. "
-        f"Without communication the BADM step takes {med['badm, 1 process']['step']:.0f} ms; in the distributed "
-        "step it also zeroes the payload and adds it to the weights (two more passes over P)."
+        f"{100 * extra / ddp['iter']:+.0f}%): without overlap BADM's payload all-reduce ({badm['allreduce']:.0f} ms "
+        f"inside the step, including the wait for the slower rank; {alone:.0f} ms alone) runs after the backward "
+        f"pass. With overlap=True, {ovl['iter']:.0f} ms ({ovl['iter'] / ddp['iter']:.2f}x DDP + SGD): the comm "
+        f"buckets ({sizes} MiB, in the order they start) take {comm_alone:.0f} ms to all-reduce one after the other "
+        f"alone; step() waited {ovl['allreduce']:.1f} ms for them, so {100 * _hidden(result):.0f}% of that time was "
+        f"hidden behind the backward pass ({counts[0]} steps used their early contributions, {counts[1]} were "
+        f"reduced again). The overlapped step copies the duals aside for a refusal, "
+        f"{med['copy of the duals alone']['step']:.1f} ms alone. "
+        f"Without communication the BADM step takes {med['badm, 1 process']['step']:.0f} ms."
     )
 
 
@@ -216,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2, help="timed iterations per case and round")
     p.add_argument("--rounds", type=int, default=20, help="rounds over the cases (they alternate: drift hits all)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                   help="bucket size in MiB of BADM(overlap=True) and of DDP (default 25, DDP's default)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // WORLD), help="threads per process")
     p.add_argument("--quick", action="store_true", help="a few iterations; print, write nothing")
     p.add_argument("--out", default=None, metavar="PATH", help="also write the markdown report here (default: none)")
@@ -277,10 +386,17 @@ def main(argv: list[str] | None = None) -> None:
             "",
             _summary(result),
             "",
+            _bucket_table(result),
+            "",
             "An iteration is zero_grad + forward + backward + opt.step(). `ms opt.step()`: the optimizer step "
-            "alone (for BADM: the agreement on non-finite gradients, the kernel and the payload all-reduce; for "
-            "DDP + SGD only the SGD update, its all-reduce already ran, overlapped with the backward pass). "
-            "`all-reduce alone`: an all-reduce of a tensor of the payload's size, nothing else running.",
+            "alone (for BADM: the agreement on non-finite gradients, the kernel and the payload all-reduce; with "
+            "overlap the kernel ran during the backward pass and the step waits for the all-reduces, agrees and "
+            "adds delta / W; for DDP + SGD only the SGD update, its all-reduce already ran, overlapped with the "
+            "backward pass). `ms payload all-reduce in opt.step()`: for the overlapped cases, the time step() "
+            "waited for the all-reduces started during the backward pass. `all-reduce alone`: an all-reduce of a "
+            "tensor of the payload's size, nothing else running; `comm buckets' all-reduces alone`: those of the "
+            "comm buckets' payloads one after the other; `copy of the duals alone`: the copy the overlapped "
+            "step makes.",
             "",
         ]
     )
