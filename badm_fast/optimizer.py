@@ -319,6 +319,7 @@ class BADM(Optimizer):
         self.overlap = overlap
         self.bucket_cap_mb = cap
         self._overlap = _overlap.Overlap(self, cap) if overlap else None
+        self._no_overlap = False  # set by split_step while it clips after the backward passes
         self._merged_alpha: list[float] | None = None
         self._last_alpha: list[float] | None = None
         self._weights_cache: dict[tuple, torch.Tensor] = {}
@@ -530,7 +531,7 @@ class BADM(Optimizer):
             raise RuntimeError(f"already inside sub_batch({self._active_row}); contexts do not nest")
         s = int(s)
         before = self._sub_weights[s]
-        ovl = self._overlap if s == self.sub_batches - 1 and not getattr(self, "_no_overlap", False) else None
+        ovl = self._overlap if s == self.sub_batches - 1 and not self._no_overlap else None
         if self._rows == 1:  # one sub-batch: .grad is its gradient
             self._active_row = s
             if weight is not None:

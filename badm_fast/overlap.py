@@ -249,6 +249,11 @@ class Overlap:
         raw = opt._context_raw_weights()
         if not all(math.isfinite(w) and w >= 0 for w in raw) or not any(w > 0 for w in raw):
             return  # step() raises the weights' error
+        if opt._rows == 1 and (opt._step_count == 0 or not opt._native):
+            try:
+                opt._revalidate()  # a model moved or cast before the first step gets fresh state (as step() does)
+            except RuntimeError:
+                return  # step() raises it
         layout = opt._buckets()
         if opt._rows > 1 and any(rec.state[-1] == 1 for bufs in layout for b in bufs for rec in b.records):
             return  # the last row holds a gradient already: this context adds to it
@@ -342,10 +347,11 @@ class Overlap:
         cb = self.comm[k]
         part = cb.part()
         torch._foreach_copy_(cb.backup, part.duals)
-        c = distributed.contribute(self.opt, part, cb.payload, group, rows, hyper, raw, residuals, None, inv)
-        rep = distributed._replica(self.opt)
-        work = dist.all_reduce(cb.payload, group=rep.group, async_op=True)
-        self.launches[k] = _Launch(cb, work, c, part, grads, versions, rows_versions, hyper.clone())
+        launch = _Launch(cb, None, None, part, grads, versions, rows_versions, hyper.clone())
+        self.launches[k] = launch  # recorded first: the duals come back from the copy even if the kernel raises
+        launch.contribution = distributed.contribute(self.opt, part, cb.payload, group, rows, hyper, raw, residuals,
+                                                     None, inv)
+        launch.work = dist.all_reduce(cb.payload, group=distributed._replica(self.opt).group, async_op=True)
 
     # ------------------------------------------------------------------ step()
     def _check_launches(self, raw: list[float], inv: torch.Tensor | None, residuals: bool,
@@ -424,6 +430,7 @@ class Overlap:
                 self.launches[k].restored = True
                 continue
             b = plan.buckets[cb.pos]
+            assert b is cb.bucket, "the step's buckets are not those of the comm buckets"
             rows = cb.rows_of(plan.grads[cb.pos])
             if plan.check and (opt._rows == 1 or plan.recheck_rows):
                 opt._nonfinite(b, rows, self._flag(b.device))

@@ -13,9 +13,10 @@ batch of ``--batch`` samples per rank, one thread per process (2 processes on 2 
   first 1 MiB, like DDP's), the backward pass inside ``with opt.sub_batch(0, weight=batch):``:
   each comm bucket's kernel runs and its all-reduce starts during the backward pass; ``step()``
   waits for them, agrees on refusing the step (one small all-reduce) and adds ``delta / W``;
-- ``badm, overlap (on_nonfinite="ignore")``: the same without the check of the gradients;
 - ``ddp + sgd``: ``DistributedDataParallel`` (its bucketed gradient all-reduce overlaps the
   backward pass; ``bucket_cap_mb`` the same) and ``SGD(momentum=0.9, foreach=True)``;
+- ``badm, overlap`` and ``ddp + sgd`` with ``--small-bucket-cap-mb`` MiB buckets (default 4: here one
+  bucket per large layer, so that more of the all-reduce can start before the backward pass ends);
 - ``badm, 1 process``: the same BADM step without a process group (the kernel alone), as a
   baseline for the step's compute.
 
@@ -109,6 +110,11 @@ class _AllReduceTimer:
         return out
 
 
+def _alone(case: str) -> str:
+    """The row of an overlapped case's comm buckets' all-reduces, timed alone."""
+    return "comm buckets' all-reduces alone" + case[len("badm, overlap"):]
+
+
 def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group(
@@ -126,12 +132,16 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         m,
         badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0, on_nonfinite="ignore", process_group=dist.group.WORLD),
     )
-    for name, check in (("badm, overlap", "raise"), ('badm, overlap (on_nonfinite="ignore")', "ignore")):
+    caps = [("", args.bucket_cap_mb)]
+    if args.small_bucket_cap_mb:
+        caps.append((f" (bucket_cap_mb={args.small_bucket_cap_mb:g})", args.small_bucket_cap_mb))
+    for suffix, cap in caps:
         m = _model(args.width)
-        cases[name] = (m, badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0, on_nonfinite=check, overlap=True,
-                                         bucket_cap_mb=args.bucket_cap_mb, process_group=dist.group.WORLD))
-    m = nn.parallel.DistributedDataParallel(_model(args.width), bucket_cap_mb=args.bucket_cap_mb)
-    cases["ddp + sgd"] = (m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=True))
+        cases["badm, overlap" + suffix] = (m, badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0, overlap=True,
+                                                            bucket_cap_mb=cap, process_group=dist.group.WORLD))
+    for suffix, cap in caps:
+        m = nn.parallel.DistributedDataParallel(_model(args.width), bucket_cap_mb=cap)
+        cases["ddp + sgd" + suffix] = (m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=True))
     m = _model(args.width)
     cases["badm, 1 process"] = (m, badm_fast.BADM(m.parameters(), rho=9.0, sigma=10.0))
     n_params = sum(p.numel() for p in _model(args.width).parameters())
@@ -139,7 +149,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     timer = _AllReduceTimer(min_numel=n_params // 2)
     dist.all_reduce = timer  # badm_fast.distributed calls dist.all_reduce: timed where it runs
     times = {name: {"iter": [], "step": [], "allreduce": []} for name in cases}
-    waits: dict[str, list[list[float]]] = {name: [] for name in cases if "overlap" in name}  # per step, per bucket
+    waits: dict[str, list[list[float]]] = {name: [] for name in cases if "overlap" in name}  # per step and bucket
 
     def iteration(name: str) -> tuple[float, float, list[float], list[float]]:
         model, opt = cases[name]
@@ -173,18 +183,18 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                 if name in waits:
                     waits[name].append(wt)
 
-    # with nothing else running: an all-reduce of a tensor of the payload's size; those of the comm
-    # buckets' payloads one after the other; the copy of the duals of the overlapped step
+    # with nothing else running: an all-reduce of a tensor of the payload's size; those of each
+    # overlapped case's comm buckets one after the other; the copy of the duals of the overlapped step
     payload = next(iter(badm_fast.distributed._replica(cases["badm"][1]).payloads.values()))
     alone = torch.zeros_like(payload)
-    overlapped = cases["badm, overlap"][1]
-    comm = overlapped._overlap.comm_buckets()
-    comm_alone = [torch.zeros_like(cb.payload) for cb in comm]
-    duals = [d for cb in comm for d in cb.part().duals]
-    backups = [b for cb in comm for b in cb.backup]
-    for name in ("all-reduce alone", "comm buckets' all-reduces alone", "copy of the duals alone"):
+    overlapped = [name for name in cases if "overlap" in name]
+    comm = {name: cases[name][1]._overlap.comm_buckets() for name in overlapped}
+    comm_alone = {name: [torch.zeros_like(cb.payload) for cb in comm[name]] for name in overlapped}
+    duals = [d for cb in comm["badm, overlap"] for d in cb.part().duals]
+    backups = [b for cb in comm["badm, overlap"] for b in cb.backup]
+    for name in ("all-reduce alone", "copy of the duals alone", *(_alone(name) for name in overlapped)):
         times[name] = {"iter": [], "step": [], "allreduce": []}
-    comm_each: list[list[float]] = []  # per repetition, per comm bucket
+    comm_each: dict[str, list[list[float]]] = {name: [] for name in overlapped}  # per repetition, per bucket
 
     def timed(fn) -> float:
         dist.barrier()  # both ranks start together: the time is the all-reduce's, not the other rank's lag
@@ -194,19 +204,21 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
 
     for k in range(args.warmup + args.rounds * args.steps):
         whole = timed(lambda: timer.inner(alone))
-        each = [timed(lambda t=t: timer.inner(t)) for t in comm_alone]
+        each = {name: [timed(lambda t=t: timer.inner(t)) for t in comm_alone[name]] for name in overlapped}
         copy = timed(lambda: torch._foreach_copy_(backups, duals))
         if k >= args.warmup:
             times["all-reduce alone"]["allreduce"].append(whole)
-            times["comm buckets' all-reduces alone"]["allreduce"].append(sum(each))
             times["copy of the duals alone"]["step"].append(copy)
-            comm_each.append(each)
+            for name in overlapped:
+                times[_alone(name)]["allreduce"].append(sum(each[name]))
+                comm_each[name].append(each[name])
     dist.all_reduce = timer.inner
 
     if rank == 0:
         result = {
             "n_params": n_params,
-            "comm_buckets": [cb.payload.numel() * cb.payload.element_size() for cb in comm],
+            "comm_buckets": {name: [cb.payload.numel() * cb.payload.element_size() for cb in comm[name]]
+                             for name in overlapped},
             "comm_alone": comm_each,
             "waits": waits,
             "overlap_counts": {name: [cases[name][1]._overlap.steps_overlapped, cases[name][1]._overlap.steps_again]
@@ -232,11 +244,11 @@ def _stats(values: list[float]) -> bc.Stats | None:
 
 def _table(result: dict) -> str:
     rows = []
-    ddp = _stats(result["times"]["ddp + sgd"]["iter"])
     for name, t in result["times"].items():
         it, st, ar = _stats(t["iter"]), _stats(t["step"]), _stats(t["allreduce"])
         row = {"case": name}
         if it:
+            ddp = _stats(result["times"][_ddp_of(name)]["iter"])
             row["iter"] = it.median * 1e3
             row["iter_range"] = f"{it.p20 * 1e3:.1f}-{it.p80 * 1e3:.1f}"
             row["ratio"] = f"{it.median / ddp.median:.2f}x"
@@ -253,12 +265,18 @@ def _table(result: dict) -> str:
             ("case", "case"),
             ("iter", "ms / iteration (median)"),
             ("iter_range", "p20-p80"),
-            ("ratio", "vs DDP + SGD"),
+            ("ratio", "vs DDP + SGD (same buckets)"),
             ("step", "ms opt.step()"),
             ("allreduce", "ms payload all-reduce in opt.step()"),
             ("share", "all-reduce share of opt.step()"),
         ],
     )
+
+
+def _ddp_of(case: str) -> str:
+    """The DDP + SGD case a case is compared with: the one with the same buckets."""
+    suffix = case[len("badm, overlap"):] if case.startswith("badm, overlap") else ""
+    return "ddp + sgd" + (suffix if suffix.startswith(" (bucket_cap_mb") else "")
 
 
 def _medians(result: dict) -> dict[str, dict[str, float | None]]:
@@ -269,51 +287,57 @@ def _medians(result: dict) -> dict[str, dict[str, float | None]]:
 def _hidden(result: dict, case: str = "badm, overlap") -> float:
     """The share of the comm buckets' all-reduce time (alone) that the overlapped step did not wait for."""
     med = _medians(result)
-    return 1.0 - med[case]["allreduce"] / med["comm buckets' all-reduces alone"]["allreduce"]
+    return 1.0 - med[case]["allreduce"] / med[_alone(case)]["allreduce"]
 
 
 def _bucket_table(result: dict) -> str:
-    """Per comm bucket: its payload, its all-reduce alone, and how long each overlapped case's step()
+    """Per overlapped case and comm bucket: its payload, its all-reduce alone, and how long step()
     waited for it (medians)."""
-    cases = list(result["waits"])
     rows = []
-    for k, nbytes in enumerate(result["comm_buckets"]):
-        alone = _stats([each[k] for each in result["comm_alone"]]).median * 1e3
-        row = {"bucket": f"{k} (starts {'first' if k == 0 else 'after ' + str(k - 1)})", "mib": nbytes / 2**20,
-               "alone": alone}
-        for j, name in enumerate(cases):
-            waited = [w[k] for w in result["waits"][name] if len(w) == len(result["comm_buckets"])]
+    for name, sizes in result["comm_buckets"].items():
+        for k, nbytes in enumerate(sizes):
+            alone = _stats([each[k] for each in result["comm_alone"][name]]).median * 1e3
+            row = {"case": name if k == 0 else "", "bucket": f"{k}", "mib": nbytes / 2**20, "alone": alone}
+            waited = [w[k] for w in result["waits"][name] if len(w) == len(sizes)]
             if waited:
-                row[f"wait{j}"] = _stats(waited).median * 1e3
-                row[f"hidden{j}"] = f"{100 * (1 - row[f'wait{j}'] / alone):.0f}%"
-        rows.append(row)
-    columns = [("bucket", "comm bucket"), ("mib", "MiB"), ("alone", "ms all-reduce alone")]
-    for j, name in enumerate(cases):
-        columns += [(f"wait{j}", f"ms step() waited: {name}"), (f"hidden{j}", "hidden")]
+                row["wait"] = _stats(waited).median * 1e3
+                row["hidden"] = f"{100 * (1 - row['wait'] / alone):.0f}%"
+            rows.append(row)
+    columns = [("case", "case"), ("bucket", "comm bucket (in start order)"), ("mib", "MiB"),
+               ("alone", "ms all-reduce alone"), ("wait", "ms step() waited for it"), ("hidden", "hidden")]
     return bc.markdown_table(rows, columns)
 
 
 def _summary(result: dict) -> str:
     """Sentences computed from the medians: where BADM's time per iteration goes, with and without overlap."""
     med = _medians(result)
-    badm, ddp, ovl = med["badm"], med["ddp + sgd"], med["badm, overlap"]
+    badm, ddp = med["badm"], med["ddp + sgd"]
     alone = med["all-reduce alone"]["allreduce"]
-    comm_alone = med["comm buckets' all-reduces alone"]["allreduce"]
     extra = badm["iter"] - ddp["iter"]
-    sizes = ", ".join(f"{b / 2**20:.1f}" for b in result["comm_buckets"])
-    counts = result["overlap_counts"]["badm, overlap"]
-    return (
+    text = (
         f"Median iteration: BADM {badm['iter']:.0f} ms, DDP + SGD {ddp['iter']:.0f} ms ({extra:+.0f} ms, "
         f"{100 * extra / ddp['iter']:+.0f}%): without overlap BADM's payload all-reduce ({badm['allreduce']:.0f} ms "
         f"inside the step, including the wait for the slower rank; {alone:.0f} ms alone) runs after the backward "
-        f"pass. With overlap=True, {ovl['iter']:.0f} ms ({ovl['iter'] / ddp['iter']:.2f}x DDP + SGD): the comm "
-        f"buckets ({sizes} MiB, in the order they start) take {comm_alone:.0f} ms to all-reduce one after the other "
-        f"alone; step() waited {ovl['allreduce']:.1f} ms for them, so {100 * _hidden(result):.0f}% of that time was "
-        f"hidden behind the backward pass ({counts[0]} steps used their early contributions, {counts[1]} were "
-        f"reduced again). The overlapped step copies the duals aside for a refusal, "
-        f"{med['copy of the duals alone']['step']:.1f} ms alone. "
-        f"Without communication the BADM step takes {med['badm, 1 process']['step']:.0f} ms."
+        "pass."
     )
+    for name, sizes in result["comm_buckets"].items():
+        o = med[name]
+        d = med[_ddp_of(name)]
+        counts = result["overlap_counts"][name]
+        mib = ", ".join(f"{b / 2**20:.1f}" for b in sizes)
+        text += (
+            f" `{name}`: {o['iter']:.0f} ms, {o['iter'] / d['iter']:.2f}x `{_ddp_of(name)}` ({d['iter']:.0f} ms); "
+            f"its comm buckets ({mib} MiB, in start order) take {med[_alone(name)]['allreduce']:.0f} ms to "
+            f"all-reduce one after the other alone, step() waited {o['allreduce']:.1f} ms for them: "
+            f"{100 * _hidden(result, name):.0f}% of the all-reduce time hidden behind the backward pass "
+            f"({counts[0]} steps used their early contributions, {counts[1]} were reduced again)."
+        )
+    text += (
+        f" The overlapped step copies the duals aside (restored by a refused step): "
+        f"{med['copy of the duals alone']['step']:.1f} ms alone. Without communication the BADM step takes "
+        f"{med['badm, 1 process']['step']:.0f} ms."
+    )
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bucket-cap-mb", type=float, default=25.0,
                    help="bucket size in MiB of BADM(overlap=True) and of DDP (default 25, DDP's default)")
+    p.add_argument("--small-bucket-cap-mb", type=float, default=4.0,
+                   help="also run BADM(overlap=True) and DDP with buckets of this size in MiB (0: not)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // WORLD), help="threads per process")
     p.add_argument("--quick", action="store_true", help="a few iterations; print, write nothing")
     p.add_argument("--out", default=None, metavar="PATH", help="also write the markdown report here (default: none)")
