@@ -577,6 +577,8 @@ class BADM(Optimizer):
             self._active_row = None
             if ovl is not None:
                 ovl.disarm()
+        if ovl is not None:
+            ovl.before_absorb()
         self._absorb(s)
         if ovl is not None:
             ovl.after_absorb()

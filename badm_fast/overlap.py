@@ -279,6 +279,16 @@ class Overlap:
             h.remove()
         self.handles = []
 
+    def before_absorb(self) -> None:
+        """``S_r > 1``, when the last context ends: rows written since their comm bucket started (by
+        ``set_grads``, ``opt.clip_grad_norm_``, a row view of ``sub_batch_grad``) make it stale."""
+        for launch in self.launches.values():
+            if launch.contribution is None:
+                continue
+            for j, p in enumerate(launch.part.params):
+                if self.opt._records[id(p)].rows._version != launch.rows_versions[j]:
+                    self._invalidate(_reason("grads", "gradient rows written in the last sub-batch's context"))
+
     def after_absorb(self) -> None:
         """``S_r > 1``, after the last context copied ``.grad`` into its row: a gradient that is still
         the one the contribution read makes the row write legitimate (its version is taken again)."""

@@ -580,6 +580,11 @@ def _step_again_cases(rank):
         if k == 1 and opt.sub_batches == 1:
             clip(opt)
 
+    def set_grads_after_context(k, opt):  # row 0 (S_r > 1) or .grad (S_r = 1) replaced before step()
+        if k == 1:
+            params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+            opt.set_grads(0, params, [torch.full_like(p, 0.01) for p in params])
+
     def zero_grad_after_backward(k, opt):
         if k == 1:
             opt.zero_grad()
@@ -592,6 +597,7 @@ def _step_again_cases(rank):
         ("weights given to step()", dict(context_weights=False), "differs from the weights"),
         ("clipping in the last context", dict(inside=clip_in_context), "a gradient changed"),
         ("clipping after the last context", dict(edit=clip_after_context), None),
+        ("set_grads before step()", dict(edit=set_grads_after_context), "a gradient changed"),
         ("zero_grad() before step()", dict(edit=zero_grad_after_backward), "ran again"),
         ("state_dict() between", dict(edit=state_dict_between), None),
     ]
@@ -617,6 +623,32 @@ def scenario_overlap_steps_again(rank):
             if pattern is not None:
                 messages = [str(w.message) for w in caught]
                 assert any(pattern in m for m in messages), (name, sub_batches, messages)
+    # S_r = 2: a view of row 0 (sub_batch_grad, taken after the previous step) written inside the last
+    # context, after its backward pass
+    out = []
+    for overlap in (False, True):
+        model = _model()
+        opt = badm_fast.BADM(model.parameters(), sub_batches=2, rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
+                             **(dict(overlap=True, bucket_cap_mb=1e-5) if overlap else {}))
+        row = None
+        for k, parts in enumerate(_batches(3, [[3, 4, 5, 6]] * 3)):
+            opt.zero_grad()
+            mine = parts[2 * rank : 2 * rank + 2]
+            with opt.sub_batch(0, weight=len(mine[0][1])):
+                F.cross_entropy(_forward(model, mine[0][0]), mine[0][1]).backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                with opt.sub_batch(1, weight=len(mine[1][1])):
+                    F.cross_entropy(_forward(model, mine[1][0]), mine[1][1]).backward()
+                    if row is not None and k == 1:
+                        row.mul_(0.5)
+                opt.step(weights=[len(p[1]) for p in mine])
+            if k == 0:
+                row = opt.sub_batch_grad(model["body"][0].weight, 0)
+        out.append((model, opt))
+    _exact(_params(out[1][0]) + _duals(*out[1]), _params(out[0][0]) + _duals(*out[0]), "row written in the context")
+    state = out[1][1]._overlap
+    assert state.steps_again == 1, (state.steps_again, state.steps_overlapped, state.early_starts)
     # gradient accumulation: two plain backward passes (S_r = 1) before step(), no context
     data = _batches(3, [[6, 8], [7, 5], [9, 4]])
     results = []
