@@ -69,6 +69,7 @@ REFUSALS = [
     (["--out", "/proc/badm-train-test"], "--out /proc/badm-train-test: /proc is a virtual file system"),
     (["--out", "/sys/badm-train-test/run"], "/sys is a virtual file system"),
     (["--fsdp"], "--fsdp shards the model over the ranks of a torchrun job: add --distributed"),
+    (["--overlap"], "--overlap is for BADM's process-group mode: --distributed, without --fsdp"),
     pytest.param(
         ["--badm-backend", "cuda"], "--badm-backend cuda: backend 'cuda' is unavailable on cpu",
         id="backend-cuda-on-cpu",

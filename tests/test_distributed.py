@@ -792,13 +792,14 @@ def test_distributed(reports, scenario):
     ranks.assert_scenario_passed(reports, scenario)
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["process-group", "fsdp"])
-def test_training_job_runs_distributed(tmp_path, fsdp):
+@pytest.mark.parametrize("mode", ["process-group", "overlap", "fsdp"])
+def test_training_job_runs_distributed(tmp_path, mode):
     """``torchrun --nproc_per_node=2 -m badm_fast.train --distributed``: every batch is split
     over the ranks; BADM (2 ranks x 2 sub-batches) and DDP + SGD follow the single-process run
     (4 sub-batches) of the same job, and only rank 0 writes. With ``--fsdp`` the model is
     sharded (FSDP2): the ranks share each of BADM's 2 sub-batches, and BADM and SGD follow the
-    single-process run with 2 sub-batches."""
+    single-process run with 2 sub-batches. ``--overlap``: the same as without it."""
+    fsdp = mode == "fsdp"
     if not HAVE_GLOO:
         pytest.skip("torch.distributed with gloo is not available")
     from badm_fast.train import cli
@@ -810,9 +811,9 @@ def test_training_job_runs_distributed(tmp_path, fsdp):
     run = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
     run += ["--master_addr=127.0.0.1", f"--master_port={ranks.free_port()}", "-m", "badm_fast.train", "--distributed"]
     out = tmp_path / "distributed"
-    mode = ["--fsdp"] if fsdp else []
+    flags = {"process-group": [], "overlap": ["--overlap"], "fsdp": ["--fsdp"]}[mode]
     done = subprocess.run(
-        [*run, *mode, *job, "--sub-batches", "2", "--out", str(out), "--threads", "1", "--quiet"],
+        [*run, *flags, *job, "--sub-batches", "2", "--out", str(out), "--threads", "1", "--quiet"],
         env=env, cwd=root, capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -824,6 +825,7 @@ def test_training_job_runs_distributed(tmp_path, fsdp):
     assert res["config"]["distributed"] is True and res["config"]["world_size"] == 2
     assert res["config"]["fsdp"] is fsdp
     assert "process group is still referenced" not in done.stderr
+    assert "ran again after the backward pass" not in done.stderr, "--overlap fell back to the plain step"
 
     single_s = "2" if fsdp else "4"
     assert cli.main([*job, "--sub-batches", single_s, "--out", str(tmp_path / "single"), "--threads", "1",

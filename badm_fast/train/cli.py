@@ -152,9 +152,11 @@ def make_optimizer(
     badm_backend: str = "auto",
     badm_mode: str = "sub_batch",
     process_group=None,
+    overlap: bool = False,
 ) -> torch.optim.Optimizer:
     """Builds optimizer ``name`` (one of :data:`OPTIMIZERS`) with hyperparameters ``hp``
-    (``process_group``: distributed BADM, see :mod:`badm_fast.distributed`)."""
+    (``process_group``: distributed BADM, see :mod:`badm_fast.distributed`; ``overlap``: its
+    all-reduce during the last sub-batch's backward pass)."""
     if name == "badm":
         from badm_fast import BADM
 
@@ -168,6 +170,7 @@ def make_optimizer(
             mode=badm_mode,
             on_nonfinite="ignore",
             process_group=process_group,
+            **({"overlap": True} if overlap else {}),
         )
     if name == "sgd":
         return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"])
@@ -438,7 +441,8 @@ def run_optimizer(task, name: str, hp: dict, args, init_state: dict, progress: s
     if fsdp:
         shard_model(model)
     group = _dist.group.WORLD if args.distributed and not fsdp else None
-    opt = make_optimizer(name, model.parameters(), hp, args.sub_batches, args.badm_backend, args.badm_mode, group)
+    opt = make_optimizer(name, model.parameters(), hp, args.sub_batches, args.badm_backend, args.badm_mode, group,
+                         overlap=getattr(args, "overlap", False))  # fmt: skip
     train_model = model
     if args.distributed and not fsdp and name != "badm":  # BADM aggregates the ranks itself; the others average
         ids = [task.device.index] if task.device.type == "cuda" else None
@@ -699,6 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
         "shards, the ranks share every sub-batch (--sub-batches in all) and the run follows the single-process "
         "one; checkpoints hold the full (gathered) model and optimizer states",
     )
+    p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="with --distributed (not --fsdp): BADM starts its all-reduce during the last sub-batch's backward pass "
+        "(BADM(overlap=True); the same results)",
+    )
     g = p.add_argument_group(
         "hyperparameters", "every value must be finite; unset, each takes its task's default (badm_fast/train/tasks.py)"
     )
@@ -744,6 +754,8 @@ def _resolve(args, parser, task_cls) -> dict:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     if args.fsdp and not args.distributed:
         parser.error("--fsdp shards the model over the ranks of a torchrun job: add --distributed")
+    if args.overlap and (not args.distributed or args.fsdp or args.badm_mode == "merged"):
+        parser.error("--overlap is for BADM's process-group mode: --distributed, without --fsdp, --badm-mode sub_batch")
     if args.sub_batches < 1:
         parser.error(f"--sub-batches must be >= 1, got {args.sub_batches}")
     if args.batch_size < 0:
