@@ -23,6 +23,7 @@ The per-task defaults (epochs, batch size, learning rates, BADM's rho and sigma)
 from __future__ import annotations
 
 import abc
+import copy
 import gzip
 import math
 import os
@@ -150,6 +151,45 @@ class Task(abc.ABC):
             source=self.source,
             loss_unit=self.loss_unit,
         )
+
+    def hold_out(self, fraction: float, seed: int = 0) -> tuple[Task, Task]:
+        """Carves a validation set out of the training data; the test set is left as it is.
+
+        Returns ``(fit, val)``: two shallow copies of this task that both train on the training
+        examples that remain. ``fit`` evaluates on the test set (``fit.evaluate``), ``val`` on the
+        held-out examples (``val.evaluate``; its ``test_*`` tensors are the validation set). The
+        split is a permutation seeded by ``seed`` alone, so it stays the same whatever seed the
+        runs use for their initial weights and data order; with 1-D integer targets (class
+        labels) it is stratified: ``round(fraction * members)`` of every class, at least one
+        where the class has two or more members.
+        """
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+        n = self.n_train
+        g = torch.Generator().manual_seed(seed)
+        y = self.train_targets.cpu()
+        if y.dim() == 1 and not y.is_floating_point():
+            held = []
+            for c in torch.unique(y):
+                members = (y == c).nonzero().flatten()
+                members = members[torch.randperm(len(members), generator=g)]
+                k = int(round(fraction * len(members)))
+                held.append(members[: max(k, 1) if len(members) > 1 else 0])
+            held = torch.cat(held)
+        else:
+            held = torch.randperm(n, generator=g)[: int(round(fraction * n))]
+        if len(held) == 0 or len(held) == n:
+            what = "validation" if len(held) == 0 else "training"
+            raise ValueError(f"a validation fraction of {fraction} of {n} training examples leaves no {what} examples")
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        held = held.sort().values.to(self.train_inputs.device)
+        rest = keep.nonzero().flatten().to(self.train_inputs.device)
+        fit, val = copy.copy(self), copy.copy(self)
+        for t in (fit, val):
+            t.train_inputs, t.train_targets = self.train_inputs[rest], self.train_targets[rest]
+        val.test_inputs, val.test_targets = self.train_inputs[held], self.train_targets[held]
+        return fit, val
 
     def _split(self, n: int, test_fraction: float):
         """A seeded permutation of ``range(n)`` cut into (train indices, test indices)."""
