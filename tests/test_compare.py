@@ -136,7 +136,8 @@ def test_smoke_command_selects_on_validation_and_writes_only_to_out(tmp_path, mo
             assert f["test"][0] == pytest.approx(sum(tests) / len(tests))
             assert all(math.isfinite(v) for v in tests)
         assert r["verdict"] in ("wins", "loses", "no difference")
-        assert f"## {t}" in text and f"**{t}: BADM {r['verdict']}.**" in text
+        head = {"wins": "BADM wins", "loses": "BADM loses", "no difference": "no difference beyond the spread"}
+        assert f"## {t}" in text and f"**{t}: {head[r['verdict']]}.**" in text
         assert "sub_batch" in r["forms"]
     assert "sub_batch_random" in res["tasks"]["digits"]["forms"]
     assert "The per-sub-batch and merged forms" in text
