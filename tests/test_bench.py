@@ -239,8 +239,8 @@ def _files_under(root) -> dict:
 def test_benchmarks_write_only_where_asked(tmp_path, monkeypatch, capsys):
     """Without --csv / --md / --out no script writes a file (in particular none into the tracked bench/results)."""
     import bench_distributed
+    import compare
     import gpu_check
-    import sweep_badm
 
     def no_csv(*args, **kwargs):
         raise AssertionError("append_csv called without --csv")
@@ -261,7 +261,7 @@ def test_benchmarks_write_only_where_asked(tmp_path, monkeypatch, capsys):
     assert bench_step.build_parser().parse_args([]).csv is None
     assert bench_train.build_parser().parse_args([]).csv is None
     assert bench_distributed.build_parser().parse_args([]).out is None
-    assert sweep_badm.build_parser().parse_args([]).out is None
+    assert compare.build_parser().parse_args([]).out is None
     assert gpu_check.parse_args([]).out is None
 
 
