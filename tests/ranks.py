@@ -114,6 +114,22 @@ def reports(script: str, world: int, timeout_s: float) -> list[dict[str, str | N
         return out
 
 
+def scenario_tests(script: str, scenarios: dict, world: int, timeout_s: float):
+    """The pytest side of a scenario file: a module-scoped fixture ``reports`` (one spawn of
+    ``world`` ranks running ``script``) and a test parametrized over the scenarios' names; bind
+    both at module level (``reports, test_x = ranks.scenario_tests(__file__, SCENARIOS, ...)``)."""
+
+    @pytest.fixture(scope="module", name="reports")
+    def reports_fixture():
+        return reports(script, world, timeout_s)
+
+    @pytest.mark.parametrize("scenario", list(scenarios))
+    def test_scenario(reports, scenario):
+        assert_scenario_passed(reports, scenario)
+
+    return reports_fixture, test_scenario
+
+
 def assert_scenario_passed(reports: list[dict[str, str | None]], scenario: str) -> None:
     failures = {rank: report.get(scenario, "no report") for rank, report in enumerate(reports)}
     failures = {rank: why for rank, why in failures.items() if why is not None}

@@ -782,14 +782,7 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reports():
-    return ranks.reports(__file__, WORLD, TIMEOUT_S)
-
-
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_distributed(reports, scenario):
-    ranks.assert_scenario_passed(reports, scenario)
+reports, test_distributed = ranks.scenario_tests(__file__, SCENARIOS, WORLD, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("mode", ["process-group", "overlap", "fsdp"])

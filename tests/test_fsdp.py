@@ -298,14 +298,7 @@ SCENARIOS = {
 
 
 # ====================================================================== pytest side
-@pytest.fixture(scope="module")
-def reports():
-    return ranks.reports(__file__, WORLD, TIMEOUT_S)
-
-
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_fsdp(reports, scenario):
-    ranks.assert_scenario_passed(reports, scenario)
+reports, test_fsdp = ranks.scenario_tests(__file__, SCENARIOS, WORLD, TIMEOUT_S)
 
 
 def test_state_dict_without_top_level_metadata_loads():
