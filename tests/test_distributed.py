@@ -4,7 +4,7 @@ One spawn of two worker processes (this file run as a script, addresses on 127.0
 runs every scenario below in order and writes, per rank, which scenarios failed and why; the
 tests read those reports. Each worker compares its distributed run with a single-process run
 of the same sub-batches computed in the same process, so every check is against fresh data.
-Time: about 10-20 s on 2 cores (most of it starting two Python processes with torch).
+Time: about 1-2 minutes on 2 shared cores (the overlap scenarios most of it).
 """
 
 from __future__ import annotations
