@@ -6,9 +6,10 @@ Every tensor is a view into a larger buffer whose other elements are NaN (the po
 that reads outside its tensors yields NaN, one that writes there removes the poison.
 
 The contract promises the reference's bits in every dtype (same constants, same operation order,
-no contraction, round to nearest even), so steps are compared with ``torch.equal``; residual sums
-are reduced in a back end's own fixed order and compared with RESIDUAL_RTOL. TOLERANCES and
-LOWP_FACTOR are the table for comparisons with an fp64 evaluation (tests/test_properties.py).
+no contraction, round to nearest even), so steps are compared bit for bit (:func:`raw_bits`:
+signed zeros and infinities included, NaN payloads aside); residual sums are reduced in a back
+end's own fixed order and compared with RESIDUAL_RTOL. TOLERANCES and LOWP_FACTOR are the table
+for comparisons with an fp64 evaluation (tests/test_properties.py).
 """
 
 from __future__ import annotations
@@ -121,11 +122,27 @@ def run(step, case: Case, residuals: bool = False, found_inf=None, inv_scale=Non
     return out, res
 
 
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+def raw_bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of ``x`` as integers (signed zeros and infinities distinct), every NaN
+    replaced by ``+0.0`` first (NaN payloads aside; compare ``isnan`` separately)."""
+    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    return x.view(_BITS[x.element_size()])
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """NaNs in the same places and every other element bit for bit (:func:`raw_bits`)."""
+    return torch.equal(torch.isnan(x), torch.isnan(y)) and torch.equal(raw_bits(x), raw_bits(y))
+
+
 def assert_same_bits(a: Case, b: Case) -> None:
-    """Every buffer (views and poison) bit for bit, NaN payloads aside."""
+    """Every buffer (views and poison) bit for bit, NaN payloads aside: ``-0.0`` differs from
+    ``+0.0`` and an infinity from the largest finite value."""
     for x, y in zip(a.buffers, b.buffers):
         assert torch.equal(torch.isnan(x), torch.isnan(y)), "written outside a tensor, or an element left unwritten"
-        assert torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0)), "values differ from the reference"
+        assert torch.equal(raw_bits(x), raw_bits(y)), "values differ from the reference"
 
 
 def cpu_backends():

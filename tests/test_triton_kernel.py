@@ -24,6 +24,8 @@ import torch
 if "badm_fast.kernels.badm_triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import parity  # noqa: E402
+
 from badm_fast import kernels, reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=f"{kernels.triton_unavailable_reason()}")
@@ -125,12 +127,13 @@ def cloned(args):
 
 
 def bits_equal(a, b):
-    """Same values, NaNs in the same places (torch.equal is False on NaN)."""
+    """Same bits (signed zeros and infinities included), NaNs in the same places, NaN payloads
+    aside (torch.equal is False on NaN)."""
     return (
         a.shape == b.shape
         and a.dtype == b.dtype
         and torch.equal(a.isnan(), b.isnan())
-        and torch.equal(a.nan_to_num(0.0, 0.0, 0.0), b.nan_to_num(0.0, 0.0, 0.0))
+        and torch.equal(parity.raw_bits(a), parity.raw_bits(b))
     )
 
 
