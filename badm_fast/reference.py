@@ -22,7 +22,9 @@ Fused form in the lr/momentum parameterisation (``lr = 1/(rho+sigma)``,
 (:func:`step_constants`, derived in float64 in the order written there, then rounded once to the
 arithmetic dtype) and the same per-element operation order, each operation rounded as written
 (no fused multiply-add), so that every back end gives the same bits as this one in float32 and
-float64.
+float64. As in torch.optim, the weight-decay term is added only when ``weight_decay != 0`` and the
+gradient is negated only when ``maximize`` is set (:func:`step_switches`): the compiled kernels
+choose the operations once per call (or per block of work), not per element.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "compute_dtype",
     "hyper_tensor",
     "step_constants",
+    "step_switches",
     "fused_step_",
     "nonfinite_check_",
     "copy_check_",
@@ -86,9 +89,11 @@ def step_constants(hyper: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.T
     ``c``     ``-2 * lr``                           step: ``t = c*g + d*pi``
     ``d``     ``(lr * (2*mu - 1)) / (1 - mu)``
     ``e``     ``lr``                                residual: ``w_s' - z = -e*(g + pi)``
-    ``wd``    ``weight_decay``                      ``g += wd*z``
-    ``sign``  ``1 - 2*maximize``                    ``g *= sign``
+    ``wd``    ``weight_decay``                      ``g += wd*z`` (only when ``weight_decay != 0``)
+    ``sign``  ``1 - 2*maximize``                    ``g *= sign`` (only when ``maximize != 0``)
     ========  ====================================  =========================================
+
+    Whether the last two are applied at all is :func:`step_switches`.
     """
     h = hyper.detach().to(torch.float64)
     lr, mu, wd, mx = h[0], h[1], h[2], h[3]
@@ -104,6 +109,19 @@ def step_constants(hyper: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.T
         "sign": 1.0 - 2.0 * mx,
     }
     return {name: v.to(dtype) for name, v in k.items()}
+
+
+def step_switches(hyper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(decay, maximize)``: 0-dim bool tensors on ``hyper``'s device, ``weight_decay != 0`` and
+    ``maximize != 0``, both compared in float64 (as torch.optim compares the Python floats).
+
+    ``decay`` false: the step neither computes ``wz = wd*z`` nor adds it (``g + 0*z`` would turn a
+    ``-0.0`` gradient into ``+0.0``, and an infinite or NaN weight into a NaN gradient).
+    ``maximize`` false: the gradient is not multiplied by ``sign``. Every back end decides both
+    from ``hyper`` as read on the device, once per call or per block of work, never per element.
+    """
+    h = hyper.detach().to(torch.float64)
+    return h[2] != 0, h[3] != 0
 
 
 @torch.no_grad()
@@ -138,9 +156,12 @@ def fused_step_(
         inv_scale: optional one-element float32; every gradient is multiplied by it first.
 
     Per element, in the compute dtype and in this order (each operation rounded):
-    ``wz = wd*z; delta = 0``; for every row ``r``: ``g = G_r [* inv_scale]; g = g*sign;
-    g = g + wz; pi' = a*pi - b*g; t = c*g + d*pi; delta = delta + alpha_r*t``
-    [residual: ``l = (g + pi)*e; prim = prim + (alpha_r*l)*l``]; then ``z' = z + delta``.
+    [decay: ``wz = wd*z``]; ``delta = 0``; for every row ``r``: ``g = G_r [* inv_scale]``;
+    [maximize: ``g = g*sign``]; [decay: ``g = g + wz``]; ``pi' = a*pi - b*g; t = c*g + d*pi;
+    delta = delta + alpha_r*t`` [residual: ``l = (g + pi)*e; prim = prim + (alpha_r*l)*l``];
+    then ``z' = z + delta``. ``decay`` and ``maximize`` are :func:`step_switches`: the bracketed
+    operations are skipped when they are false (here chosen with ``torch.where``, so that
+    ``hyper`` is never read on the host, under capture and torch.compile too).
     """
     params = list(params)
     n = len(params)
@@ -149,6 +170,7 @@ def fused_step_(
     rows = len(grads) // n
     cdt = compute_dtype(params[0].dtype)
     k = step_constants(hyper, cdt)
+    decay, maximize = step_switches(hyper)
     alpha = weights.to(cdt)
     inv = inv_scale.reshape(()).to(cdt) if inv_scale is not None else None
     skip = None if found_inf is None else (found_inf.reshape(()) != 0)
@@ -166,8 +188,8 @@ def fused_step_(
             g = grads[r * n + i].to(cdt)
             if inv is not None:
                 g = g * inv
-            g = g * k["sign"]
-            g = g + wz
+            g = torch.where(maximize, g * k["sign"], g)
+            g = torch.where(decay, g + wz, g)
             p = duals[r * n + i]
             new_duals.append(k["a"] * p - k["b"] * g)
             t = k["c"] * g + k["d"] * p

@@ -11,6 +11,9 @@
 // the tail of the item with the same operations (badm_element.h), so every element gets the
 // same bits whichever path computes it. bf16/fp16 storage is widened to float on load and
 // rounded to nearest even on store; the arithmetic is float, or double for double storage.
+// The optional operations of a row (inv_scale, the weight-decay term, the maximize sign:
+// reference.step_switches) and the residuals are template arguments, chosen once per call, so
+// the loops carry no per-element test.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -126,8 +129,9 @@ struct StepContext {
 constexpr int64_t kStackRows = 64;
 
 // One work item. With kResiduals, writes the item's [sum of prim, sum of delta*delta] (float64)
-// to res[0], res[1].
-template <typename scalar_t, bool kResiduals, bool kInv>
+// to res[0], res[1]. kInv, kDecay, kMaximize: the optional per-row operations (badm_row), chosen
+// once per call.
+template <typename scalar_t, bool kResiduals, bool kInv, bool kDecay, bool kMaximize>
 void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, double* res) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -160,8 +164,8 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
   for (; i + kStep <= end; i += kStep) {
     Vec z0, z1;
     VecIO<scalar_t>::load(z + i, z0, z1);
-    const Vec wz0 = rn_mul(kv.wd, z0);
-    const Vec wz1 = rn_mul(kv.wd, z1);
+    const Vec wz0 = badm_decay_term<kDecay>(z0, kv);
+    const Vec wz1 = badm_decay_term<kDecay>(z1, kv);
     Vec delta0(acc_t(0)), delta1(acc_t(0));
     Vec prim0(acc_t(0)), prim1(acc_t(0));
     for (int64_t r = 0; r < R; ++r) {
@@ -173,8 +177,8 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
         g1 = rn_mul(g1, inv_v);
       }
       const Vec alpha_r(alpha[r]);
-      g0 = badm_row(g0, p0, wz0, alpha_r, kv, np0, delta0);
-      g1 = badm_row(g1, p1, wz1, alpha_r, kv, np1, delta1);
+      g0 = badm_row<kDecay, kMaximize>(g0, p0, wz0, alpha_r, kv, np0, delta0);
+      g1 = badm_row<kDecay, kMaximize>(g1, p1, wz1, alpha_r, kv, np1, delta1);
       VecIO<acc_t>::store(d[r] + i, np0, np1);
       if constexpr (kResiduals) {
         badm_row_residual(g0, p0, alpha_r, kv, prim0);
@@ -200,7 +204,7 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
   double tail_dual = 0.0;
   for (; i < end; ++i) {
     const acc_t zi = static_cast<acc_t>(z[i]);
-    const acc_t wz = rn_mul(k.wd, zi);
+    const acc_t wz = badm_decay_term<kDecay>(zi, k);
     acc_t delta = 0;
     acc_t prim = 0;
     for (int64_t r = 0; r < R; ++r) {
@@ -210,7 +214,7 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
       }
       const acc_t pi = d[r][i];
       acc_t new_pi;
-      gi = badm_row(gi, pi, wz, alpha[r], k, new_pi, delta);
+      gi = badm_row<kDecay, kMaximize>(gi, pi, wz, alpha[r], k, new_pi, delta);
       d[r][i] = new_pi;
       if constexpr (kResiduals) {
         badm_row_residual(gi, pi, alpha[r], k, prim);
@@ -236,11 +240,22 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
   }
 }
 
-template <typename scalar_t, bool kResiduals, bool kInv>
+template <typename scalar_t, bool kResiduals, bool kInv, bool kDecay, bool kMaximize>
 void run_step(const StepArgs& a, const StepContext<acc_type<scalar_t>>& cx) {
   for_each_item(a.items, a.n_items, a.total_work, [&](const WorkItem& item, int64_t idx) {
-    step_item<scalar_t, kResiduals, kInv>(cx, item, kResiduals ? a.partials + 2 * idx : nullptr);
+    step_item<scalar_t, kResiduals, kInv, kDecay, kMaximize>(
+        cx, item, kResiduals ? a.partials + 2 * idx : nullptr);
   });
+}
+
+// f(std::true_type{}) when b, else f(std::false_type{}): a runtime flag made a template argument.
+template <typename F>
+void with_flag(bool b, const F& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 template <typename scalar_t>
@@ -266,12 +281,18 @@ void fused_step(const StepArgs& a) {
   if (inv) {
     cx.inv = static_cast<acc_t>(*a.inv_scale);
   }
-  const bool res = a.partials != nullptr;
-  if (res) {
-    inv ? run_step<scalar_t, true, true>(a, cx) : run_step<scalar_t, true, false>(a, cx);
-  } else {
-    inv ? run_step<scalar_t, false, true>(a, cx) : run_step<scalar_t, false, false>(a, cx);
-  }
+  // The optional operations, chosen once for the whole call: one instantiation per combination.
+  const StepSwitches sw = step_switches(a.hyper);
+  with_flag(a.partials != nullptr, [&](auto res) {
+    with_flag(inv, [&](auto scaled) {
+      with_flag(sw.decay, [&](auto decay) {
+        with_flag(sw.maximize, [&](auto maximize) {
+          run_step<scalar_t, decltype(res)::value, decltype(scaled)::value, decltype(decay)::value,
+                   decltype(maximize)::value>(a, cx);
+        });
+      });
+    });
+  });
 }
 
 // Runs the step for the storage dtype of `a`; false for a dtype without a kernel (the caller

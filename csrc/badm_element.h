@@ -69,8 +69,8 @@ struct StepConstants {
   T c;     // -2 * lr                        step:     t = c*g + d*pi
   T d;     // (lr * (2*mu - 1)) / (1 - mu)
   T e;     // lr                             residual: l = (g + pi)*e
-  T wd;    // weight_decay                   g = g + wd*z
-  T sign;  // 1 - 2*maximize                 g = g*sign
+  T wd;    // weight_decay                   g = g + wd*z   (only with kDecay)
+  T sign;  // 1 - 2*maximize                 g = g*sign     (only with kMaximize)
 };
 
 // Derives the constants from hyper = [lr, momentum, weight_decay, maximize] in double, in
@@ -94,14 +94,45 @@ BADM_INLINE StepConstants<T> step_constants(const double* hyper) {
   return k;
 }
 
+// reference.step_switches: whether the step adds the weight-decay term (weight_decay != 0) and
+// negates the gradient (maximize != 0), compared in double. The kernels choose their
+// instantiation of badm_row by these once per call or per block of work, never per element.
+struct StepSwitches {
+  bool decay;
+  bool maximize;
+};
+
+BADM_INLINE StepSwitches step_switches(const double* hyper) {
+  return StepSwitches{hyper[2] != 0.0, hyper[3] != 0.0};
+}
+
+// wz = wd*z with kDecay; without it the term is neither computed nor added (T() is unused).
+template <bool kDecay, typename T, typename K>
+BADM_INLINE T badm_decay_term(const T& z, const K& k) {
+  if constexpr (kDecay) {
+    return rn_mul(k.wd, z);
+  } else {
+    (void)z;
+    (void)k;
+    return T();
+  }
+}
+
 // One row r at one element, g already widened to T and multiplied by inv_scale when given:
-//     g = g*sign; g = g + wz; pi' = a*pi - b*g; t = c*g + d*pi; delta = delta + alpha*t
-// Returns g after the two updates (the residual needs it); writes pi' to new_pi.
-template <typename T, typename K>
+//     [kMaximize: g = g*sign]; [kDecay: g = g + wz]; pi' = a*pi - b*g; t = c*g + d*pi;
+//     delta = delta + alpha*t
+// Returns g after the optional updates (the residual needs it); writes pi' to new_pi.
+template <bool kDecay, bool kMaximize, typename T, typename K>
 BADM_INLINE T badm_row(T g, const T& pi, const T& wz, const T& alpha, const K& k, T& new_pi,
                        T& delta) {
-  g = rn_mul(g, k.sign);
-  g = rn_add(g, wz);
+  if constexpr (kMaximize) {
+    g = rn_mul(g, k.sign);
+  }
+  if constexpr (kDecay) {
+    g = rn_add(g, wz);
+  } else {
+    (void)wz;
+  }
   new_pi = rn_sub(rn_mul(k.a, pi), rn_mul(k.b, g));
   const T t = rn_add(rn_mul(k.c, g), rn_mul(k.d, pi));
   delta = rn_add(delta, rn_mul(alpha, t));

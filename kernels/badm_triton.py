@@ -25,13 +25,16 @@ on the same tensors reuses it without any host-to-device copy, and a table found
 memory is still exact.
 
 Per element, in the compute dtype (fp64 for fp64 storage, else fp32), each operation rounded
-as written (compiled with ``enable_fp_fusion=False``): ``wz = wd*z; delta = 0``; per row:
-``g = G_r [* inv_scale]; g = g*sign; g = g + wz; pi' = a*pi - b*g; t = c*g + d*pi;
-delta = delta + alpha_r*t`` [``l = (g + pi)*e; prim = prim + (alpha_r*l)*l``]; then
-``z' = z + delta`` rounded to nearest even to the storage dtype. The constants are derived on
-the device from the ``(4,)`` float64 ``hyper`` tensor in float64, in the order of
-:func:`badm_fast.reference.step_constants`, then rounded once to the compute dtype: every
-hyperparameter is a runtime value (changing them never recompiles).
+as written (compiled with ``enable_fp_fusion=False``): [decay: ``wz = wd*z``]; ``delta = 0``;
+per row: ``g = G_r [* inv_scale]``; [maximize: ``g = g*sign``]; [decay: ``g = g + wz``];
+``pi' = a*pi - b*g; t = c*g + d*pi; delta = delta + alpha_r*t``
+[``l = (g + pi)*e; prim = prim + (alpha_r*l)*l``]; then ``z' = z + delta`` rounded to nearest
+even to the storage dtype. The constants are derived on the device from the ``(4,)`` float64
+``hyper`` tensor in float64, in the order of :func:`badm_fast.reference.step_constants`, then
+rounded once to the compute dtype; ``decay`` (``weight_decay != 0``) and ``maximize``
+(``maximize != 0``) are :func:`badm_fast.reference.step_switches`, read with the constants and
+taken as uniform runtime branches of the program (the bracketed operations are skipped when
+false). Every hyperparameter is a runtime value (changing them never recompiles).
 
 Residuals: each program stores its two float64 partial sums to row ``pid`` of a
 ``(programs, 2)`` buffer (no atomics); :func:`_residual_reduce_kernel` (one program) adds them
@@ -142,6 +145,8 @@ def _step_block(
     e,
     wd,
     sign,
+    decay,
+    neg,
     inv,
     flag,
     zdt: tl.constexpr,
@@ -154,7 +159,8 @@ def _step_block(
 ):
     """Elements ``[start, start + SIZE)`` of one item: unmasked with vector hints when ``FULL``
     (all inside the tensor, every pointer of the item 16-byte aligned), masked otherwise.
-    Returns the block's float64 residual sums (zeros without residuals)."""
+    ``decay`` / ``neg``: whether to add ``wd*z`` / multiply by ``sign`` (scalar branches, the same
+    for the whole program). Returns the block's float64 residual sums (zeros without residuals)."""
     if HAS_FOUND_INF:
         # The flag as a block (a splat; the interpreter mishandles broadcasting a scalar
         # comparison result).
@@ -175,7 +181,9 @@ def _step_block(
             store_mask = mask
     zp = _ptrs(tab_ptr, rec + 2, start, zdt, SIZE, FULL, _CONTIGUITY)
     z = tl.load(zp, mask=mask, other=other).to(cdt)
-    wz = wd * z
+    wz = z  # only read under `decay`
+    if decay:
+        wz = wd * z
     delta = tl.zeros([SIZE], dtype=cdt)
     prim = tl.zeros([SIZE], dtype=cdt)
     for r in range(0, R):
@@ -186,8 +194,10 @@ def _step_block(
         p = tl.load(dp, mask=mask, other=other, eviction_policy="evict_first")
         if HAS_INV_SCALE:
             g = g * inv
-        g = g * sign
-        g = g + wz
+        if neg:
+            g = g * sign
+        if decay:
+            g = g + wz
         new_p = a * p - b * g
         t = c * g + d * p
         delta = delta + alpha * t
@@ -249,6 +259,8 @@ def _badm_step_kernel(
     e = lr.to(cdt)
     wd = weight_decay.to(cdt)
     sign = (1.0 - 2.0 * maximize).to(cdt)
+    decay = weight_decay != 0.0  # reference.step_switches
+    neg = maximize != 0.0
     if HAS_INV_SCALE:
         inv = tl.load(inv_scale_ptr).to(cdt)
     else:
@@ -260,7 +272,7 @@ def _badm_step_kernel(
         flag = 0.0
     if (aligned != 0) & (start + BLOCK <= numel):
         prim_sum, dual_sum = _step_block(
-            tab_ptr, rec, start, numel, R, w_ptr, a, b, c, d, e, wd, sign, inv, flag,
+            tab_ptr, rec, start, numel, R, w_ptr, a, b, c, d, e, wd, sign, decay, neg, inv, flag,
             zdt, cdt, HAS_RESIDUALS, HAS_FOUND_INF, HAS_INV_SCALE, BLOCK, True,
         )  # fmt: skip
     else:
@@ -269,7 +281,7 @@ def _badm_step_kernel(
         dual_sum = tl.zeros([], dtype=tl.float64)
         for sub in range(0, tl.minimum(numel - start, BLOCK), SUB):
             ps, ds = _step_block(
-                tab_ptr, rec, start + sub, numel, R, w_ptr, a, b, c, d, e, wd, sign, inv, flag,
+                tab_ptr, rec, start + sub, numel, R, w_ptr, a, b, c, d, e, wd, sign, decay, neg, inv, flag,
                 zdt, cdt, HAS_RESIDUALS, HAS_FOUND_INF, HAS_INV_SCALE, SUB, False,
             )  # fmt: skip
             prim_sum = prim_sum + ps

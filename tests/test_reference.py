@@ -232,6 +232,41 @@ def test_maximize_negates_every_gradient(dtype):
     assert torch.equal(a, b) and torch.equal(da, db)
 
 
+@pytest.mark.parametrize("wd,mx,want", [(0.0, 0.0, (False, False)), (-0.0, 0.0, (False, False)),
+                                         (1e-50, 1.0, (True, True)), (0.03, 0.0, (True, False)),
+                                         (-0.5, 1.0, (True, True)), (0.0, 1.0, (False, True))])
+def test_step_switches_compare_in_float64(wd, mx, want):
+    # 1e-50 rounds to 0 in fp32 and still switches the weight decay on: the rule is torch.optim's
+    # `weight_decay != 0` on the float64 value.
+    decay, maximize = reference.step_switches(reference.hyper_tensor(0.1, 0.5, wd, mx))
+    assert decay.dtype == maximize.dtype == torch.bool and decay.dim() == maximize.dim() == 0
+    assert (bool(decay), bool(maximize)) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_weight_decay_adds_nothing(dtype):
+    # wd = 0: the term is skipped as in torch.optim, not computed as 0*z: a -0.0 gradient stays
+    # -0.0 (with a -0.0 dual the new dual is a*(-0) - b*(-0) = +0.0; adding +0.0 first would give
+    # -0.0) and an infinite or NaN weight does not make the gradient NaN.
+    z, g, pi, alpha = _random_step_inputs(shape=(20,), dtype=dtype)
+    z[:3] = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    z[3:8] = 0.0
+    g[:, 3:8] = -0.0
+    pi[:, 3:8] = -0.0
+    k = reference.step_constants(reference.hyper_tensor(0.1, 0.7), reference.compute_dtype(dtype))
+    a, da = z.clone(), pi.clone()
+    fused(a, g, da, alpha, reference.hyper_tensor(0.1, 0.7, 0.0))
+    assert torch.equal(da, k["a"] * pi - k["b"] * g)  # the gradient alone, no 0*z
+    assert torch.isfinite(da).all()
+    assert not torch.signbit(da[:, 3:8]).any()
+    assert a[0] == float("inf") and a[1] == -float("inf") and a[2].isnan()
+    # wd != 0: the term is added, and the same inputs give -0.0 duals and non-finite ones
+    b, db = z.clone(), pi.clone()
+    fused(b, g, db, alpha, reference.hyper_tensor(0.1, 0.7, 0.125))
+    assert torch.signbit(db[:, 3:8]).all()
+    assert not torch.isfinite(db[:, :3]).any() and torch.isfinite(db[:, 8:]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_inv_scale_unscales_every_gradient(dtype):
     z, g, pi, alpha = _random_step_inputs(dtype=dtype)

@@ -22,7 +22,7 @@
 //
 // Memory parallelism: per iteration a thread handles 16 elements (fp32, bf16, fp16) or 8
 // (fp64): four 16-byte vectors of each fp32/fp64 stream (z, every gradient row, every dual row),
-// two of the bf16/fp16 z and gradients. ptxas (sm_90) gives the step kernels 107-128 registers,
+// two of the bf16/fp16 z and gradients. ptxas (sm_90) gives the step kernels 109-128 registers,
 // so the launch bounds keep two blocks of 256 threads per SM: with fp32 about 128 B of gradient
 // and dual loads in flight per thread and row, 64 KiB per SM (96 KiB with z in the first row);
 // more resident threads would need fewer registers, hence fewer elements, per thread. Vector
@@ -214,15 +214,30 @@ __device__ __forceinline__ Constants<A> step_constants(const double* hyper, int6
   return k;
 }
 
-// One row at one element (reference.fused_step_'s loop body).
-template <bool kResiduals, typename A>
-__device__ __forceinline__ A step_row(A g, A pi, A wz, A alpha, const Constants<A>& k, bool scaled,
+// reference.step_switches: weight_decay != 0 (add wd*z) and maximize != 0 (multiply by sign),
+// compared in double. Every block reads them with the constants and runs the instantiation of
+// its loops for them (a block-uniform branch, no per-element test).
+__device__ __forceinline__ bool decay_switch(const double* hyper, int64_t stride) {
+  return hyper[2 * stride] != 0.0;
+}
+__device__ __forceinline__ bool maximize_switch(const double* hyper, int64_t stride) {
+  return hyper[3 * stride] != 0.0;
+}
+
+// One row at one element (reference.fused_step_'s loop body); z is read only with kDecay
+// (wz = wd*z), sign only with kMaximize.
+template <bool kResiduals, bool kDecay, bool kMaximize, typename A>
+__device__ __forceinline__ A step_row(A g, A pi, A z, A alpha, const Constants<A>& k, bool scaled,
                                       A inv, A& delta, A& prim) {
   if (scaled) {
     g = op_mul(g, inv);
   }
-  g = op_mul(g, k.sign);
-  g = op_add(g, wz);
+  if constexpr (kMaximize) {
+    g = op_mul(g, k.sign);
+  }
+  if constexpr (kDecay) {
+    g = op_add(g, op_mul(k.wd, z));
+  }
   const A new_pi = op_sub(op_mul(k.a, pi), op_mul(k.b, g));
   const A t = op_add(op_mul(k.c, g), op_mul(k.d, pi));
   delta = op_add(delta, op_mul(alpha, t));
@@ -237,7 +252,7 @@ __device__ __forceinline__ A step_row(A g, A pi, A wz, A alpha, const Constants<
 // pointers start at table.ptr[base]: G units per thread per iteration, unit u of an iteration
 // handled by thread u % kThreads. On the block's first loads (`first`), reads found_inf and
 // returns false (for the whole block, before any store) when it is non-zero.
-template <typename T, bool kResiduals, int W, int G>
+template <typename T, bool kResiduals, bool kDecay, bool kMaximize, int W, int G>
 __device__ __forceinline__ bool step_units(const StepScalars& s, const StepTable& table, int base,
                                            int64_t begin, int64_t units,
                                            const Constants<typename Traits<T>::A>& k, bool scaled,
@@ -296,9 +311,9 @@ __device__ __forceinline__ bool step_units(const StepScalars& s, const StepTable
           load_n<W>(dual_row + u * W, pv);
 #pragma unroll
           for (int j = 0; j < W; ++j) {
-            const A wz = op_mul(k.wd, zc[q][j]);
-            pv[j] = step_row<kResiduals>(Traits<T>::widen(gv[j]), pv[j], wz, alpha, k, scaled, inv,
-                                         delta[q][j], prim[q][j]);
+            pv[j] = step_row<kResiduals, kDecay, kMaximize>(Traits<T>::widen(gv[j]), pv[j],
+                                                            zc[q][j], alpha, k, scaled, inv,
+                                                            delta[q][j], prim[q][j]);
           }
           store_n<W>(dual_row + u * W, pv);
         }
@@ -324,14 +339,40 @@ __device__ __forceinline__ bool step_units(const StepScalars& s, const StepTable
   return true;
 }
 
+// The n elements of one chunk, starting `begin` elements into tensor t (pointers from
+// table.ptr[base]): vector units where the tensor is aligned, then its last partial vector.
+template <typename T, bool kResiduals, bool kDecay, bool kMaximize>
+__device__ __forceinline__ bool step_chunk(const StepScalars& s, const StepTable& table, int t,
+                                           int base, int64_t begin, int64_t n,
+                                           const Constants<typename Traits<T>::A>& k, bool scaled,
+                                           typename Traits<T>::A inv, double& primal,
+                                           double& dual) {
+  constexpr int kW = Traits<T>::kW;
+  constexpr int kE = Traits<T>::kE;
+  bool first = true;
+  bool stored;
+  if (table.vec[t] != 0) {
+    const int64_t vectors = n / kW;
+    stored = step_units<T, kResiduals, kDecay, kMaximize, kW, kE / kW>(
+        s, table, base, begin, vectors, k, scaled, inv, first, primal, dual);
+    if (stored && vectors * kW < n) {
+      stored = step_units<T, kResiduals, kDecay, kMaximize, 1, 1>(
+          s, table, base, begin + vectors * kW, n - vectors * kW, k, scaled, inv, first, primal,
+          dual);
+    }
+  } else {
+    stored = step_units<T, kResiduals, kDecay, kMaximize, 1, kE>(s, table, base, begin, n, k,
+                                                                scaled, inv, first, primal, dual);
+  }
+  return stored;
+}
+
 // Block b processes chunk b - first_block[t] of tensor t: elements
 // [chunk * kStepChunk<T>, ...) of its param, gradient rows and dual rows.
 template <typename T, bool kResiduals>
 __global__ void __launch_bounds__(kThreads, 2)
     fused_step_kernel(const StepScalars s, const StepTable table) {
   using A = typename Traits<T>::A;
-  constexpr int kW = Traits<T>::kW;
-  constexpr int kE = Traits<T>::kE;
   constexpr int64_t kChunk = kStepChunk<T>;
   const uint32_t b = blockIdx.x;
   const int t = find_tensor(table.first_block, s.tensors, b);
@@ -340,24 +381,23 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t n = left < kChunk ? left : kChunk;
   const int base = t * (1 + 2 * s.rows);
   const Constants<A> k = step_constants<A>(s.hyper, s.hyper_stride);
+  const bool decay = decay_switch(s.hyper, s.hyper_stride);
+  const bool maximize = maximize_switch(s.hyper, s.hyper_stride);
   const bool scaled = s.inv_scale != nullptr;
   const A inv = scaled ? static_cast<A>(*s.inv_scale) : A(1);
-  bool first = true;
   double primal = 0.0;
   double dual = 0.0;
   bool stored;
-  if (table.vec[t] != 0) {
-    const int64_t vectors = n / kW;
-    stored = step_units<T, kResiduals, kW, kE / kW>(s, table, base, begin, vectors, k, scaled, inv,
-                                                    first, primal, dual);
-    if (stored && vectors * kW < n) {
-      stored =
-          step_units<T, kResiduals, 1, 1>(s, table, base, begin + vectors * kW, n - vectors * kW, k,
-                                          scaled, inv, first, primal, dual);
-    }
+  if (decay) {  // block-uniform: every thread reads the same hyper
+    stored = maximize ? step_chunk<T, kResiduals, true, true>(s, table, t, base, begin, n, k,
+                                                              scaled, inv, primal, dual)
+                      : step_chunk<T, kResiduals, true, false>(s, table, t, base, begin, n, k,
+                                                               scaled, inv, primal, dual);
   } else {
-    stored = step_units<T, kResiduals, 1, kE>(s, table, base, begin, n, k, scaled, inv, first,
-                                              primal, dual);
+    stored = maximize ? step_chunk<T, kResiduals, false, true>(s, table, t, base, begin, n, k,
+                                                               scaled, inv, primal, dual)
+                      : step_chunk<T, kResiduals, false, false>(s, table, t, base, begin, n, k,
+                                                                scaled, inv, primal, dual);
   }
   if constexpr (kResiduals) {
     if (stored) {  // block-uniform
