@@ -11,9 +11,12 @@
 // the tail of the item with the same operations (badm_element.h), so every element gets the
 // same bits whichever path computes it. bf16/fp16 storage is widened to float on load and
 // rounded to nearest even on store; the arithmetic is float, or double for double storage.
-// The optional operations of a row (inv_scale, the weight-decay term, the maximize sign:
-// reference.step_switches) and the residuals are template arguments, chosen once per call, so
-// the loops carry no per-element test.
+// The optional operations of a row and the residuals are template arguments, chosen once per
+// call, so the loops carry no per-element test: kDecay, the weight-decay term
+// (reference.step_switches), and kScaled, the two gradient multipliers (inv_scale, then the
+// maximize sign). The multipliers share one instantiation: one not in use is exactly 1 (inv is
+// set to 1; sign = 1 - 2*0 = 1 without maximize) and g*1 == g for every g (NaN payloads aside),
+// so multiplying by it gives the bits of skipping it.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -120,7 +123,7 @@ template <typename acc_t>
 struct StepContext {
   StepConstants<acc_t> k;
   const acc_t* alpha;  // R weights
-  acc_t inv;           // inv_scale (used only when kInv)
+  acc_t inv;           // inv_scale, or 1 without it (used only when kScaled)
   int64_t R;
   void* const* slots;
 };
@@ -129,9 +132,8 @@ struct StepContext {
 constexpr int64_t kStackRows = 64;
 
 // One work item. With kResiduals, writes the item's [sum of prim, sum of delta*delta] (float64)
-// to res[0], res[1]. kInv, kDecay, kMaximize: the optional per-row operations (badm_row), chosen
-// once per call.
-template <typename scalar_t, bool kResiduals, bool kInv, bool kDecay, bool kMaximize>
+// to res[0], res[1]. kScaled, kDecay: the optional per-row operations (see the top of this file).
+template <typename scalar_t, bool kResiduals, bool kScaled, bool kDecay>
 void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, double* res) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -172,13 +174,13 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
       Vec g0, g1, p0, p1, np0, np1;
       VecIO<scalar_t>::load(g[r] + i, g0, g1);
       VecIO<acc_t>::load(d[r] + i, p0, p1);
-      if constexpr (kInv) {
+      if constexpr (kScaled) {
         g0 = rn_mul(g0, inv_v);
         g1 = rn_mul(g1, inv_v);
       }
       const Vec alpha_r(alpha[r]);
-      g0 = badm_row<kDecay, kMaximize>(g0, p0, wz0, alpha_r, kv, np0, delta0);
-      g1 = badm_row<kDecay, kMaximize>(g1, p1, wz1, alpha_r, kv, np1, delta1);
+      g0 = badm_row<kDecay, kScaled>(g0, p0, wz0, alpha_r, kv, np0, delta0);
+      g1 = badm_row<kDecay, kScaled>(g1, p1, wz1, alpha_r, kv, np1, delta1);
       VecIO<acc_t>::store(d[r] + i, np0, np1);
       if constexpr (kResiduals) {
         badm_row_residual(g0, p0, alpha_r, kv, prim0);
@@ -209,12 +211,12 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
     acc_t prim = 0;
     for (int64_t r = 0; r < R; ++r) {
       acc_t gi = static_cast<acc_t>(g[r][i]);
-      if constexpr (kInv) {
+      if constexpr (kScaled) {
         gi = rn_mul(gi, cx.inv);
       }
       const acc_t pi = d[r][i];
       acc_t new_pi;
-      gi = badm_row<kDecay, kMaximize>(gi, pi, wz, alpha[r], k, new_pi, delta);
+      gi = badm_row<kDecay, kScaled>(gi, pi, wz, alpha[r], k, new_pi, delta);
       d[r][i] = new_pi;
       if constexpr (kResiduals) {
         badm_row_residual(gi, pi, alpha[r], k, prim);
@@ -240,10 +242,10 @@ void step_item(const StepContext<acc_type<scalar_t>>& cx, const WorkItem& item, 
   }
 }
 
-template <typename scalar_t, bool kResiduals, bool kInv, bool kDecay, bool kMaximize>
+template <typename scalar_t, bool kResiduals, bool kScaled, bool kDecay>
 void run_step(const StepArgs& a, const StepContext<acc_type<scalar_t>>& cx) {
   for_each_item(a.items, a.n_items, a.total_work, [&](const WorkItem& item, int64_t idx) {
-    step_item<scalar_t, kResiduals, kInv, kDecay, kMaximize>(
+    step_item<scalar_t, kResiduals, kScaled, kDecay>(
         cx, item, kResiduals ? a.partials + 2 * idx : nullptr);
   });
 }
@@ -277,19 +279,18 @@ void fused_step(const StepArgs& a) {
     alpha[r] = w[r * a.weight_stride];
   }
   StepContext<acc_t> cx{step_constants<acc_t>(a.hyper), alpha, acc_t(1), a.R, a.slots};
-  const bool inv = a.inv_scale != nullptr;
-  if (inv) {
+  if (a.inv_scale != nullptr) {
     cx.inv = static_cast<acc_t>(*a.inv_scale);
   }
   // The optional operations, chosen once for the whole call: one instantiation per combination.
   const StepSwitches sw = step_switches(a.hyper);
   with_flag(a.partials != nullptr, [&](auto res) {
-    with_flag(inv, [&](auto scaled) {
+    with_flag(a.inv_scale != nullptr || sw.maximize, [&](auto scaled) {
       with_flag(sw.decay, [&](auto decay) {
-        with_flag(sw.maximize, [&](auto maximize) {
-          run_step<scalar_t, decltype(res)::value, decltype(scaled)::value, decltype(decay)::value,
-                   decltype(maximize)::value>(a, cx);
-        });
+        constexpr bool kRes = decltype(res)::value;
+        constexpr bool kScaled = decltype(scaled)::value;
+        constexpr bool kDecay = decltype(decay)::value;
+        run_step<scalar_t, kRes, kScaled, kDecay>(a, cx);
       });
     });
   });

@@ -70,7 +70,7 @@ struct StepConstants {
   T d;     // (lr * (2*mu - 1)) / (1 - mu)
   T e;     // lr                             residual: l = (g + pi)*e
   T wd;    // weight_decay                   g = g + wd*z   (only with kDecay)
-  T sign;  // 1 - 2*maximize                 g = g*sign     (only with kMaximize)
+  T sign;  // 1 - 2*maximize                 g = g*sign     (only with kSign)
 };
 
 // Derives the constants from hyper = [lr, momentum, weight_decay, maximize] in double, in
@@ -119,13 +119,14 @@ BADM_INLINE T badm_decay_term(const T& z, const K& k) {
 }
 
 // One row r at one element, g already widened to T and multiplied by inv_scale when given:
-//     [kMaximize: g = g*sign]; [kDecay: g = g + wz]; pi' = a*pi - b*g; t = c*g + d*pi;
+//     [kSign: g = g*sign]; [kDecay: g = g + wz]; pi' = a*pi - b*g; t = c*g + d*pi;
 //     delta = delta + alpha*t
+// kSign must be set when maximizing; it may be set otherwise too (then sign is 1 and g*1 == g).
 // Returns g after the optional updates (the residual needs it); writes pi' to new_pi.
-template <bool kDecay, bool kMaximize, typename T, typename K>
+template <bool kDecay, bool kSign, typename T, typename K>
 BADM_INLINE T badm_row(T g, const T& pi, const T& wz, const T& alpha, const K& k, T& new_pi,
                        T& delta) {
-  if constexpr (kMaximize) {
+  if constexpr (kSign) {
     g = rn_mul(g, k.sign);
   }
   if constexpr (kDecay) {

@@ -22,7 +22,7 @@
 //
 // Memory parallelism: per iteration a thread handles 16 elements (fp32, bf16, fp16) or 8
 // (fp64): four 16-byte vectors of each fp32/fp64 stream (z, every gradient row, every dual row),
-// two of the bf16/fp16 z and gradients. ptxas (sm_90) gives the step kernels 109-128 registers,
+// two of the bf16/fp16 z and gradients. ptxas (sm_90) gives the step kernels 110-128 registers,
 // so the launch bounds keep two blocks of 256 threads per SM: with fp32 about 128 B of gradient
 // and dual loads in flight per thread and row, 64 KiB per SM (96 KiB with z in the first row);
 // more resident threads would need fewer registers, hence fewer elements, per thread. Vector
@@ -215,8 +215,11 @@ __device__ __forceinline__ Constants<A> step_constants(const double* hyper, int6
 }
 
 // reference.step_switches: weight_decay != 0 (add wd*z) and maximize != 0 (multiply by sign),
-// compared in double. Every block reads them with the constants and runs the instantiation of
-// its loops for them (a block-uniform branch, no per-element test).
+// compared in double. Every block reads them with the constants: the weight decay selects the
+// instantiation of its loops (a block-uniform branch, no per-element test); maximize joins
+// inv_scale in the block-uniform `scaled` path, which multiplies by both (a multiplier not in
+// use is exactly 1: inv = 1 without inv_scale, sign = 1 - 2*0 = 1 without maximize, and
+// g*1 == g, NaN payloads aside).
 __device__ __forceinline__ bool decay_switch(const double* hyper, int64_t stride) {
   return hyper[2 * stride] != 0.0;
 }
@@ -225,14 +228,12 @@ __device__ __forceinline__ bool maximize_switch(const double* hyper, int64_t str
 }
 
 // One row at one element (reference.fused_step_'s loop body); z is read only with kDecay
-// (wz = wd*z), sign only with kMaximize.
-template <bool kResiduals, bool kDecay, bool kMaximize, typename A>
+// (wz = wd*z); inv and sign only when `scaled`.
+template <bool kResiduals, bool kDecay, typename A>
 __device__ __forceinline__ A step_row(A g, A pi, A z, A alpha, const Constants<A>& k, bool scaled,
                                       A inv, A& delta, A& prim) {
   if (scaled) {
     g = op_mul(g, inv);
-  }
-  if constexpr (kMaximize) {
     g = op_mul(g, k.sign);
   }
   if constexpr (kDecay) {
@@ -252,7 +253,7 @@ __device__ __forceinline__ A step_row(A g, A pi, A z, A alpha, const Constants<A
 // pointers start at table.ptr[base]: G units per thread per iteration, unit u of an iteration
 // handled by thread u % kThreads. On the block's first loads (`first`), reads found_inf and
 // returns false (for the whole block, before any store) when it is non-zero.
-template <typename T, bool kResiduals, bool kDecay, bool kMaximize, int W, int G>
+template <typename T, bool kResiduals, bool kDecay, int W, int G>
 __device__ __forceinline__ bool step_units(const StepScalars& s, const StepTable& table, int base,
                                            int64_t begin, int64_t units,
                                            const Constants<typename Traits<T>::A>& k, bool scaled,
@@ -311,9 +312,8 @@ __device__ __forceinline__ bool step_units(const StepScalars& s, const StepTable
           load_n<W>(dual_row + u * W, pv);
 #pragma unroll
           for (int j = 0; j < W; ++j) {
-            pv[j] = step_row<kResiduals, kDecay, kMaximize>(Traits<T>::widen(gv[j]), pv[j],
-                                                            zc[q][j], alpha, k, scaled, inv,
-                                                            delta[q][j], prim[q][j]);
+            pv[j] = step_row<kResiduals, kDecay>(Traits<T>::widen(gv[j]), pv[j], zc[q][j], alpha,
+                                                 k, scaled, inv, delta[q][j], prim[q][j]);
           }
           store_n<W>(dual_row + u * W, pv);
         }
@@ -341,7 +341,7 @@ __device__ __forceinline__ bool step_units(const StepScalars& s, const StepTable
 
 // The n elements of one chunk, starting `begin` elements into tensor t (pointers from
 // table.ptr[base]): vector units where the tensor is aligned, then its last partial vector.
-template <typename T, bool kResiduals, bool kDecay, bool kMaximize>
+template <typename T, bool kResiduals, bool kDecay>
 __device__ __forceinline__ bool step_chunk(const StepScalars& s, const StepTable& table, int t,
                                            int base, int64_t begin, int64_t n,
                                            const Constants<typename Traits<T>::A>& k, bool scaled,
@@ -353,16 +353,16 @@ __device__ __forceinline__ bool step_chunk(const StepScalars& s, const StepTable
   bool stored;
   if (table.vec[t] != 0) {
     const int64_t vectors = n / kW;
-    stored = step_units<T, kResiduals, kDecay, kMaximize, kW, kE / kW>(
-        s, table, base, begin, vectors, k, scaled, inv, first, primal, dual);
+    stored = step_units<T, kResiduals, kDecay, kW, kE / kW>(s, table, base, begin, vectors, k,
+                                                            scaled, inv, first, primal, dual);
     if (stored && vectors * kW < n) {
-      stored = step_units<T, kResiduals, kDecay, kMaximize, 1, 1>(
+      stored = step_units<T, kResiduals, kDecay, 1, 1>(
           s, table, base, begin + vectors * kW, n - vectors * kW, k, scaled, inv, first, primal,
           dual);
     }
   } else {
-    stored = step_units<T, kResiduals, kDecay, kMaximize, 1, kE>(s, table, base, begin, n, k,
-                                                                scaled, inv, first, primal, dual);
+    stored = step_units<T, kResiduals, kDecay, 1, kE>(s, table, base, begin, n, k, scaled, inv,
+                                                      first, primal, dual);
   }
   return stored;
 }
@@ -382,23 +382,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int base = t * (1 + 2 * s.rows);
   const Constants<A> k = step_constants<A>(s.hyper, s.hyper_stride);
   const bool decay = decay_switch(s.hyper, s.hyper_stride);
-  const bool maximize = maximize_switch(s.hyper, s.hyper_stride);
-  const bool scaled = s.inv_scale != nullptr;
-  const A inv = scaled ? static_cast<A>(*s.inv_scale) : A(1);
+  const bool scaled = s.inv_scale != nullptr || maximize_switch(s.hyper, s.hyper_stride);
+  const A inv = s.inv_scale != nullptr ? static_cast<A>(*s.inv_scale) : A(1);
   double primal = 0.0;
   double dual = 0.0;
-  bool stored;
-  if (decay) {  // block-uniform: every thread reads the same hyper
-    stored = maximize ? step_chunk<T, kResiduals, true, true>(s, table, t, base, begin, n, k,
-                                                              scaled, inv, primal, dual)
-                      : step_chunk<T, kResiduals, true, false>(s, table, t, base, begin, n, k,
-                                                               scaled, inv, primal, dual);
-  } else {
-    stored = maximize ? step_chunk<T, kResiduals, false, true>(s, table, t, base, begin, n, k,
-                                                               scaled, inv, primal, dual)
-                      : step_chunk<T, kResiduals, false, false>(s, table, t, base, begin, n, k,
-                                                                scaled, inv, primal, dual);
-  }
+  const bool stored =
+      decay  // block-uniform: every thread reads the same hyper
+          ? step_chunk<T, kResiduals, true>(s, table, t, base, begin, n, k, scaled, inv, primal,
+                                            dual)
+          : step_chunk<T, kResiduals, false>(s, table, t, base, begin, n, k, scaled, inv, primal,
+                                             dual);
   if constexpr (kResiduals) {
     if (stored) {  // block-uniform
       __shared__ double warp_sums[kThreads / 32];
