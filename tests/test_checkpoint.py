@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import badm_fast
-from badm_fast.train import checkpoint, cli
+from badm_fast.train import checkpoint, cli, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("badm", "sgd")
@@ -409,12 +409,16 @@ def test_damaged_checkpoint_is_named(small_run, tmp_path, capsys):
     assert f"checkpoint {path} cannot be read (UnpicklingError" in err
 
 
+DIGITS = tasks.TASKS["digits"].defaults
+
+
 def test_load_checkpoint_checks_structure(small_run, tmp_path):
     ckpt = checkpoint.load_checkpoint(small_run / "checkpoints" / "badm.pt")
     assert ckpt["format"] == checkpoint.FORMAT and ckpt["version"] == checkpoint.VERSION
     assert ckpt["config"] == dict(
         task="digits", seed=0, subset=128, epochs=1, batch_size=32, sub_batches=4, max_steps_per_epoch=3,
-        world_size=1, optimizer="badm", badm_rho=2.0, badm_sigma=2.0, badm_mode="sub_batch",
+        world_size=1, optimizer="badm", badm_mode="sub_batch",
+        badm_rho=DIGITS["badm_rho"], badm_sigma=DIGITS["badm_sigma"],  # the task's defaults
     )  # fmt: skip
     assert ckpt["rng"][0]["torch"].dtype == torch.uint8 and ckpt["rng"][0]["cuda"] is None
     no_progress = {k: v for k, v in ckpt.items() if k != "progress"}
