@@ -9,6 +9,7 @@ Time: about 1-2 minutes on 2 shared cores (the overlap scenarios most of it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -649,59 +650,53 @@ def scenario_overlap_steps_again(rank):
     _exact(_params(out[1][0]) + _duals(*out[1]), _params(out[0][0]) + _duals(*out[0]), "row written in the context")
     state = out[1][1]._overlap
     assert state.steps_again == 1, (state.steps_again, state.steps_overlapped, state.early_starts)
-    # gradient accumulation: two plain backward passes (S_r = 1) before step(), no context
     data = _batches(3, [[6, 8], [7, 5], [9, 4]])
-    results = []
-    for overlap in (False, True):
-        model = _model()
-        opt = badm_fast.BADM(model.parameters(), rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
-                             **(dict(overlap=True, bucket_cap_mb=1e-4) if overlap else {}))
-        for parts in data:
-            opt.zero_grad()
-            x, y = parts[rank]
-            F.cross_entropy(_forward(model, x[:3]), y[:3]).backward()
-            F.cross_entropy(_forward(model, x[3:]), y[3:]).backward()
-            opt.step()
-        results.append((model, opt))
-        if overlap:
-            assert opt._overlap.early_starts == 0 and opt._overlap.steps_again == 0
-    _exact(_params(results[1][0]), _params(results[0][0]), "accumulated: weights")
-    _exact(_duals(*results[1]), _duals(*results[0]), "accumulated: duals")
+
+    def both(backward):
+        """overlap=False, then overlap=True (tiny buckets), the same ``backward(model, opt, x, y)`` per step."""
+        runs = []
+        for overlap in (False, True):
+            model = _model()
+            opt = badm_fast.BADM(model.parameters(), rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
+                                 **(dict(overlap=True, bucket_cap_mb=1e-4) if overlap else {}))
+            for parts in data:
+                opt.zero_grad()
+                x, y = parts[rank]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    backward(model, opt, x, y)
+                    opt.step()
+            runs.append((model, opt))
+        return runs
+
+    def twice(model, x, y):
+        F.cross_entropy(_forward(model, x[:3]), y[:3]).backward()
+        F.cross_entropy(_forward(model, x[3:]), y[3:]).backward()
+
+    # gradient accumulation: two plain backward passes (S_r = 1) before step(), no context
+    plain, over = both(lambda model, opt, x, y: twice(model, x, y))
+    assert over[1]._overlap.early_starts == 0 and over[1]._overlap.steps_again == 0
+    _exact(_params(over[0]), _params(plain[0]), "accumulated: weights")
+    _exact(_duals(*over), _duals(*plain), "accumulated: duals")
+
     # a second backward pass inside the last context: the second one adds to gradients already reduced
-    for overlap in (False, True):
-        model = _model()
-        opt = badm_fast.BADM(model.parameters(), rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
-                             **(dict(overlap=True, bucket_cap_mb=1e-4) if overlap else {}))
-        for parts in data:
-            opt.zero_grad()
-            x, y = parts[rank]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                with opt.sub_batch(0, weight=len(y)):
-                    F.cross_entropy(_forward(model, x[:3]), y[:3]).backward()
-                    F.cross_entropy(_forward(model, x[3:]), y[3:]).backward()
-                opt.step()
-        results.append((model, opt))
-    _exact(_params(results[3][0]), _params(results[2][0]), "two backward passes: weights")
-    assert results[3][1]._overlap.steps_again == 3
+    def in_context(model, opt, x, y):
+        with opt.sub_batch(0, weight=len(y)):
+            twice(model, x, y)
+
+    plain, over = both(in_context)
+    _exact(_params(over[0]), _params(plain[0]), "two backward passes: weights")
+    assert over[1]._overlap.steps_again == 3
+
     # rank 0 with the context, rank 1 a plain backward pass: the same collectives, the same result
-    for overlap in (False, True):
-        model = _model()
-        opt = badm_fast.BADM(model.parameters(), rho=2.0, sigma=5.0, process_group=dist.group.WORLD,
-                             **(dict(overlap=True, bucket_cap_mb=1e-4) if overlap else {}))
-        for parts in data:
-            opt.zero_grad()
-            x, y = parts[rank]
-            if rank == 0:
-                with opt.sub_batch(0):
-                    F.cross_entropy(_forward(model, x), y).backward()
-            else:
-                F.cross_entropy(_forward(model, x), y).backward()
-            opt.step()
-        results.append((model, opt))
-    _exact(_params(results[5][0]), _params(results[4][0]), "mixed: weights")
-    _exact(_duals(*results[5]), _duals(*results[4]), "mixed: duals")
-    assert results[5][1]._overlap.steps_again == 0
+    def mixed(model, opt, x, y):
+        with opt.sub_batch(0) if rank == 0 else contextlib.nullcontext():
+            F.cross_entropy(_forward(model, x), y).backward()
+
+    plain, over = both(mixed)
+    _exact(_params(over[0]), _params(plain[0]), "mixed: weights")
+    _exact(_duals(*over), _duals(*plain), "mixed: duals")
+    assert over[1]._overlap.steps_again == 0
 
 
 def scenario_overlap_split_step(rank):
