@@ -475,10 +475,12 @@ class RunCheckpoint:
 
             gathered = gather_state_dict(self.optimizer)  # every rank's duals, on rank 0
             optimizer = gathered["ranks"] if gathered is not None else None
-        elif sharded:  # FSDP2: the whole states, gathered on rank 0 (a collective)
+        elif sharded or self.owner.write:
+            # one state: a single process, DDP (every rank holds the same one), or FSDP2 (gathered on
+            # rank 0, a collective every rank takes part in)
             optimizer = [optimizer_state(self.model, self.optimizer)]
-        else:  # one state: a single process, or DDP, where every rank holds the same one
-            optimizer = [optimizer_state(self.model, self.optimizer)] if self.owner.write else None
+        else:
+            optimizer = None
         model = model_state(self.model) if sharded or self.owner.write else None
         rng = _gather_rng(rng_state(self.device)) if distributed else [rng_state(self.device)]
         if not self.owner.write:
@@ -546,12 +548,11 @@ class Checkpointer:
     def save_final(self, name: str, model: torch.nn.Module) -> None:
         """``out/final-<name>.pt``: the trained model's ``state_dict`` (for an FSDP2 model a
         collective: every rank calls this)."""
-        if is_sharded(model):
-            state = model_state(model)
-            if self.write and self.dir is not None:
-                atomic_save(state, self.final_path(name))
-        elif self.write:
-            atomic_save(model_state(model), self.final_path(name))
+        if not (self.write or is_sharded(model)):
+            return
+        state = model_state(model)
+        if self.write:
+            atomic_save(state, self.final_path(name))
 
     def notice(self, message: str) -> None:
         if not self.quiet:

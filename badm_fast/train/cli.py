@@ -235,25 +235,20 @@ def fsdp_train_step(model, opt, loss_fn, inputs, targets, *, rank: int, world: i
     parts = list(zip(inputs.tensor_split(S), targets.tensor_split(S)))
     opt.zero_grad(set_to_none=True)
 
-    def backward(x, y, n_global):
-        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-        loss = loss_fn(model(xs), ys)
-        (loss * (ys.shape[0] * world / n_global)).backward()
-        return loss.detach() * ys.shape[0]
-
-    if merged or not badm:
-        # the rank's parts of every sub-batch in one pass (merged BADM: the same sub-batches' samples)
-        xs = torch.cat([x.tensor_split(world)[rank] for x, _ in parts])
-        ys = torch.cat([y.tensor_split(world)[rank] for _, y in parts])
-        loss = loss_fn(model(xs), ys)
-        (loss * (ys.shape[0] * world / targets.shape[0])).backward()
-        local = loss.detach() * ys.shape[0]
-    else:
-        local = 0.0
-        for s, (x, y) in enumerate(parts):
-            with opt.sub_batch(s):
-                local = local + backward(x, y, y.shape[0])
-    if badm and not merged:
+    # one pass per sub-batch in BADM's per-sub-batch mode; else one pass over the rank's parts of
+    # every sub-batch (merged BADM: the same sub-batches' samples)
+    per_sub_batch = badm and not merged
+    passes = [[part] for part in parts] if per_sub_batch else [parts]
+    local = 0.0
+    for s, group in enumerate(passes):
+        xs = torch.cat([x.tensor_split(world)[rank] for x, _ in group])
+        ys = torch.cat([y.tensor_split(world)[rank] for _, y in group])
+        n_global = sum(y.shape[0] for _, y in group)
+        with opt.sub_batch(s) if per_sub_batch else contextlib.nullcontext():
+            loss = loss_fn(model(xs), ys)
+            (loss * (ys.shape[0] * world / n_global)).backward()
+        local = local + loss.detach() * ys.shape[0]
+    if per_sub_batch:
         opt.step(weights=[float(y.shape[0]) for _, y in parts])
     else:  # merged: equal weights, as split_step
         opt.step()
@@ -1016,23 +1011,17 @@ def _run(args, parser, argv, task_cls, hps, out: Path, where: dict) -> int:
         where["name"] = name
         record, model = run_optimizer(task, name, hps[name], args, init_state, progress, checkpoints)
         results["optimizers"][name] = record
-        if getattr(args, "fsdp", False):  # gathering the sharded model and sampling from it: every rank
-            checkpoints.save_final(name, model)
-            if not record["diverged"] and hasattr(task, "samples"):
-                model.eval()
-                samples[name] = task.samples(model)
+        checkpoints.save_final(name, model)  # writes on rank 0; an FSDP2 model is gathered by every rank
+        if (lead or getattr(args, "fsdp", False)) and not record["diverged"] and hasattr(task, "samples"):
+            model.eval()  # a sharded model samples on every rank (its forward pass is a collective)
+            samples[name] = task.samples(model)
         if not lead:
             continue
-        if not getattr(args, "fsdp", False):
-            checkpoints.save_final(name, model)
         if record["diverged"]:
             print(
                 f"badm-train: {name} diverged in epoch {record['diverged_at_epoch']}: {record['error']}",
                 file=sys.stderr,
             )
-        elif hasattr(task, "samples") and name not in samples:
-            model.eval()
-            samples[name] = task.samples(model)
         with atomic_open(out / "results.json", "w") as f:  # after every optimizer: a long run keeps its progress
             json.dump(results, f, indent=2)
     where["name"] = None
