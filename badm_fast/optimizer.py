@@ -532,30 +532,14 @@ class BADM(Optimizer):
         s = int(s)
         before = self._sub_weights[s]
         ovl = self._overlap if s == self.sub_batches - 1 and not self._no_overlap else None
-        if self._rows == 1:  # one sub-batch: .grad is its gradient
-            self._active_row = s
-            if weight is not None:
-                self._sub_weights[s] = weight
-            if ovl is not None:
-                ovl.arm()
-            try:
-                yield self
-            except BaseException:
-                self._sub_weights[s] = before
-                if ovl is not None:
-                    ovl.abort("the last sub-batch's context raised")
-                raise
-            finally:
-                self._active_row = None
-                if ovl is not None:
-                    ovl.disarm()
-            return
-        self._report_pending()
-        if self._step_count == 0 or not self._native:
-            self._revalidate()  # a model moved or cast before the first step gets fresh state now
-        self._sync_grads()
-        for p in self._managed():
-            p.grad = None
+        rows = self._rows > 1  # several rows: .grad starts empty and is copied into row s at the end
+        if rows:
+            self._report_pending()
+            if self._step_count == 0 or not self._native:
+                self._revalidate()  # a model moved or cast before the first step gets fresh state now
+            self._sync_grads()
+            for p in self._managed():
+                p.grad = None
         self._active_row = s
         if weight is not None:
             self._sub_weights[s] = weight
@@ -564,11 +548,12 @@ class BADM(Optimizer):
         try:
             yield self
         except BaseException:
-            for p in self._managed():  # a failed sub-batch leaves its row as it was
-                p.grad = None
-            for b in self._all_buckets():
-                for rec in b.records:
-                    rec.left = None
+            if rows:
+                for p in self._managed():  # a failed sub-batch leaves its row as it was
+                    p.grad = None
+                for b in self._all_buckets():
+                    for rec in b.records:
+                        rec.left = None
             self._sub_weights[s] = before
             if ovl is not None:
                 ovl.abort("the last sub-batch's context raised")
@@ -577,6 +562,8 @@ class BADM(Optimizer):
             self._active_row = None
             if ovl is not None:
                 ovl.disarm()
+        if not rows:  # one sub-batch: .grad is its gradient
+            return
         if ovl is not None:
             ovl.before_absorb()
         self._absorb(s)
